@@ -1,0 +1,332 @@
+"""One frozen base model, one LoRA adapter and one value head per agent, and the forward engine.
+
+The engine computes hidden states for a set of *unique* prompts (each with the adapter to run it
+under) and continuations of them, in one batched pass per tree level:
+
+* prompt prefixes shared by several prompts are run once and their key/value cache is reused by
+  every prompt below them (a prefix tree of at most ``prefix_levels`` levels);
+* continuation tokens (actions, generated tokens) run on the cached prompt;
+* the vocabulary projection is applied only at the positions whose log-probs are needed.
+
+Every level is right-padded with an explicit 4D attention mask and explicit position ids, so each
+real token sees exactly the tokens it would see in a plain full-sequence forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import DynamicCache
+
+BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches: the reference policy
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA settings (paper: r=64, alpha=32, dropout 0.05, all linear layers).
+
+    Attributes:
+        r: adapter rank.
+        alpha: LoRA scaling numerator (scale = alpha / r).
+        dropout: dropout on the adapter input during updates (duplicates in a batch share one mask).
+        target_modules: module names to adapt, or "all-linear".
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class ValueHead(nn.Module):
+    """Dropout + linear on the last hidden state (paper section 6)."""
+
+    def __init__(self, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h: [..., H]`` -> ``[...]`` values (computed in float32)."""
+        return self.linear(self.dropout(h.float())).squeeze(-1)
+
+
+@dataclass
+class TreeOutput:
+    """Hidden states from :meth:`Policy.forward_tree`.
+
+    Attributes:
+        prompt_last: ``[U, H]`` hidden state at the last token of each unique prompt.
+        cont: ``[N, T, H]`` hidden state at each continuation input token (right-padded).
+        cont_len: ``[N]`` number of real continuation input tokens.
+    """
+
+    prompt_last: torch.Tensor
+    cont: torch.Tensor | None
+    cont_len: torch.Tensor | None
+
+
+@dataclass
+class _Level:
+    tokens: list[list[int]] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    adapter: list[str] = field(default_factory=list)
+
+
+def _lcp(seqs: Sequence[Sequence[int]], start: int) -> int:
+    """Length of the common prefix of ``seqs[i][start:]``."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - start
+    for k in range(n):
+        t = first[start + k]
+        if any(s[start + k] != t for s in seqs[1:]):
+            return k
+    return n
+
+
+def build_prompt_tree(prompts: Sequence[tuple[str, Sequence[int]]], levels: int) -> tuple[list[_Level], list[int]]:
+    """Split unique (adapter, tokens) prompts into ``levels`` levels of shared prefixes.
+
+    Every prompt becomes one path of exactly ``levels`` nodes, each holding at least one token, so
+    the key/value cache can be extended level by level. A node is shared by all prompts below it;
+    prompts under different adapters never share a node (LoRA changes keys and values). Prompts
+    must be longer than ``levels`` tokens.
+
+    Returns:
+        ``(levels, leaf)``: the levels and, for each prompt, its row in the last level.
+    """
+    out = [_Level() for _ in range(levels)]
+    leaf = [0] * len(prompts)
+
+    def add(depth: int, tokens: Sequence[int], parent: int, adapter: str) -> int:
+        out[depth].tokens.append(list(tokens))
+        out[depth].parent.append(parent)
+        out[depth].adapter.append(adapter)
+        return len(out[depth].tokens) - 1
+
+    def build(idx: list[int], start: int, depth: int, parent: int, adapter: str) -> None:
+        seqs = [prompts[i][1] for i in idx]
+        remaining = levels - depth
+        if remaining == 1:
+            for i, s in zip(idx, seqs):
+                leaf[i] = add(depth, s[start:], parent, adapter)
+            return
+        # Leave at least one token for each level below this one.
+        take = min(_lcp(seqs, start), min(len(s) for s in seqs) - start - (remaining - 1))
+        if len(idx) == 1 or take < 1:
+            for i, s in zip(idx, seqs):
+                cut = len(s) - (remaining - 1)
+                build([i], cut, depth + 1, add(depth, s[start:cut], parent, adapter), adapter)
+            return
+        row = add(depth, seqs[0][start:start + take], parent, adapter)
+        if remaining == 2:
+            build(idx, start + take, depth + 1, row, adapter)
+            return
+        groups: dict[int, list[int]] = {}
+        for i, s in zip(idx, seqs):
+            groups.setdefault(s[start + take], []).append(i)
+        for members in groups.values():
+            build(members, start + take, depth + 1, row, adapter)
+
+    by_adapter: dict[str, list[int]] = {}
+    for i, (a, _) in enumerate(prompts):
+        by_adapter.setdefault(a, []).append(i)
+    for a, idx in by_adapter.items():
+        build(idx, 0, 0, -1, a)
+    return out, leaf
+
+
+class Policy(nn.Module):
+    """A frozen causal LM with one LoRA adapter and one value head per agent.
+
+    Args:
+        model: a Hugging Face causal LM (its weights are frozen).
+        agents: agent names; each is an adapter name and a value-head key.
+        lora: LoRA settings shared by all agents.
+        value_dropout: dropout in the value heads.
+        prefix_levels: levels of the shared-prefix tree (1 = no prefix reuse).
+    """
+
+    def __init__(self, model: nn.Module, agents: Sequence[str], lora: LoraSpec | None = None,
+                 value_dropout: float = 0.0, prefix_levels: int = 3) -> None:
+        super().__init__()
+        lora = lora or LoraSpec()
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
+        self.agents = list(agents)
+        self.model = get_peft_model(model, cfg, adapter_name=self.agents[0])
+        for name in self.agents[1:]:
+            self.model.add_adapter(name, cfg)
+        hidden = model.config.get_text_config().hidden_size
+        self.value_heads = nn.ModuleDict({a: ValueHead(hidden, value_dropout) for a in self.agents})
+        self.prefix_levels = prefix_levels
+        self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def agent_parameters(self, agent: str) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of one agent's LoRA weights and value head, selected by name."""
+        lora = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and f".{agent}." in n]
+        head = [(f"value_heads.{agent}.{n}", p) for n, p in self.value_heads[agent].named_parameters()]
+        return lora + head
+
+    def base_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if "lora_" not in n]
+
+    def activate(self, agent: str) -> None:
+        """Make ``agent`` the active adapter (peft also makes only its LoRA weights trainable)."""
+        self.model.set_adapter(agent)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.get_base_model().get_decoder()
+
+    # ---- engine -----------------------------------------------------------------------------
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary projection of selected hidden states ``[..., H]`` -> ``[..., V]`` float32."""
+        logits = self.lm_head(h).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _run_level(self, tokens: list[list[int]], adapters: list[str], cache: DynamicCache | None,
+                   past_mask: torch.Tensor | None, past_len: torch.Tensor | None,
+                   ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run one right-padded level on top of ``cache`` (already selected to these rows)."""
+        device = self.lm_head.weight.device
+        n, t = len(tokens), max(len(x) for x in tokens)
+        ids = torch.zeros(n, t, dtype=torch.long, device=device)
+        own = torch.zeros(n, t, dtype=torch.bool, device=device)
+        for i, x in enumerate(tokens):
+            ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+            own[i, :len(x)] = True
+        lens = own.sum(1)
+        start = past_len if past_len is not None else torch.zeros(n, dtype=torch.long, device=device)
+        pos = start[:, None] + torch.arange(t, device=device)[None]
+        key_mask = own if past_mask is None else torch.cat([past_mask, own], 1)
+        p = key_mask.shape[1] - t
+        causal = torch.arange(key_mask.shape[1], device=device)[None, :] <= (p + torch.arange(t, device=device))[:, None]
+        keep = key_mask[:, None, None, :] & causal[None, None]
+        dtype = self.lm_head.weight.dtype
+        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        if len(set(adapters)) > 1 or adapters[0] == BASE:
+            # Mixed-adapter batch (eval mode only, a peft rule); BASE rows run without any adapter.
+            with self.model.base_model._enable_peft_forward_hooks(adapter_names=list(adapters)):
+                out = self.decoder(**kwargs)
+        else:
+            out = self.decoder(**kwargs)
+        return out.last_hidden_state, out.past_key_values, key_mask, start + lens
+
+    def forward_tree(self, prompts: Sequence[tuple[str, Sequence[int]]],
+                     conts: Sequence[tuple[int, Sequence[int]]] = ()) -> TreeOutput:
+        """Hidden states for unique prompts and continuation inputs.
+
+        Args:
+            prompts: unique ``(adapter, token ids)``; adapter is an agent name or ``BASE``. In train
+                mode all prompts must use the active adapter (peft allows mixed batches in eval only).
+            conts: ``(prompt index, input token ids)``; each row's tokens are fed after its prompt.
+                Rows may be empty (then ``cont_len`` is 0 and only ``prompt_last`` is meaningful).
+
+        Returns:
+            A :class:`TreeOutput`.
+        """
+        levels, leaf = build_prompt_tree(prompts, self.prefix_levels)
+        levels = [lv for lv in levels if lv.tokens]
+        cache = mask = plen = h = None
+        for d, lv in enumerate(levels):
+            if d > 0:
+                idx = torch.tensor(lv.parent, device=self.lm_head.weight.device)
+                cache.batch_select_indices(idx)
+                mask, plen = mask[idx], plen[idx]
+            h, cache, mask, plen = self._run_level(lv.tokens, lv.adapter, cache, mask, plen)
+        last = levels[-1]
+        lens = torch.tensor([len(x) for x in last.tokens], device=h.device)
+        leaf_t = torch.tensor(leaf, device=h.device)
+        prompt_last = h[leaf_t, lens[leaf_t] - 1]
+        rows = [(i, list(t)) for i, t in conts if len(t) > 0]
+        if not rows:
+            zero = torch.zeros(len(conts), dtype=torch.long, device=h.device)
+            return TreeOutput(prompt_last, None, zero if conts else None)
+        # Continuations: only non-empty rows run; empty rows get zero-length entries.
+        sel = torch.tensor([leaf[i] for i, _ in rows], device=h.device)
+        cache.batch_select_indices(sel)
+        hc, _, _, _ = self._run_level([t for _, t in rows], [prompts[i][0] for i, _ in rows], cache,
+                                      mask[sel], plen[sel])
+        cont_h = hc.new_zeros(len(conts), hc.shape[1], hc.shape[2])
+        nonempty = torch.tensor([k for k, (_, t) in enumerate(conts) if len(t) > 0], device=h.device)
+        cont_h = cont_h.index_copy(0, nonempty, hc)
+        cont_len = torch.tensor([len(t) for _, t in conts], device=h.device)
+        return TreeOutput(prompt_last, cont_h, cont_len)
+
+    def values(self, h: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        """Values of hidden states ``h: [N, ..., H]``, row i through the value head of ``adapters[i]``."""
+        out = h.new_zeros(h.shape[:-1], dtype=torch.float32)
+        for a in set(adapters):
+            if a == BASE:
+                continue
+            idx = torch.tensor([i for i, x in enumerate(adapters) if x == a], device=h.device)
+            out = out.index_copy(0, idx, self.value_heads[a](h[idx]))
+        return out
+
+    def continuation_logprobs(self, prompts: Sequence[tuple[str, Sequence[int]]],
+                              conts: Sequence[tuple[int, Sequence[int]]], *, entropy: bool = False,
+                              values: bool = True, next_token: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token log-probs (full vocabulary) of continuation tokens after their prompts.
+
+        Args:
+            prompts: unique ``(adapter, token ids)``.
+            conts: ``(prompt index, tokens)``: the log-prob of every token is computed; rows need >= 1
+                token unless ``next_token``.
+            entropy: also return the full-vocabulary entropy at each scored position.
+            values: also return the value (row's own head) at each scored position.
+            next_token: also return the next-token log-probs after each whole continuation.
+
+        Returns:
+            ``logp [N, T]``, ``mask [N, T]`` and optionally ``entropy [N, T]``, ``values [N, T]``,
+            ``next_logp [N, V]``; position t predicts token t.
+        """
+        n = len(conts)
+        t = max(len(c) for _, c in conts)
+        feed = [(i, list(c) if next_token else list(c)[:-1]) for i, c in conts]
+        tree = self.forward_tree(prompts, feed)
+        p_idx = torch.tensor([i for i, _ in conts], device=tree.prompt_last.device)
+        first = tree.prompt_last[p_idx]  # predicts token 0
+        width = t + 1 if next_token else t
+        hs = [first[:, None]]
+        if tree.cont is not None and tree.cont.shape[1] > 0:
+            hs.append(tree.cont[:, : width - 1])
+        h = torch.cat(hs, 1)
+        if h.shape[1] < width:
+            h = torch.cat([h, h.new_zeros(n, width - h.shape[1], h.shape[2])], 1)
+        lens = torch.tensor([len(c) for _, c in conts], device=h.device)
+        tok = torch.zeros(n, max(t, 1), dtype=torch.long, device=h.device)
+        for k, (_, c) in enumerate(conts):
+            tok[k, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+        mask = torch.arange(max(t, 1), device=h.device)[None] < lens[:, None]
+        scored = h[:, :t] if t > 0 else h[:, :0]
+        out: dict[str, torch.Tensor] = {"mask": mask[:, :t]}
+        if t > 0:
+            logits = self.logits(scored)
+            logp_all = torch.log_softmax(logits, -1)
+            out["logp"] = logp_all.gather(-1, tok[:, :t, None]).squeeze(-1) * mask[:, :t]
+            if entropy:
+                out["entropy"] = -(logp_all.exp() * logp_all).sum(-1) * mask[:, :t]
+        if values:
+            adapters = [prompts[i][0] for i, _ in conts]
+            out["values"] = self.values(scored, adapters) * mask[:, :t] if t > 0 else None
+            out["prompt_values"] = self.values(first, adapters)
+        if next_token:
+            h_next = h[torch.arange(n, device=h.device), lens]
+            out["next_logp"] = torch.log_softmax(self.logits(h_next), -1)
+        return out

@@ -1,0 +1,164 @@
+"""Game state -> prompt text and tokens; generated text -> action code (PAPER.md sections 3-4).
+
+The wording is ours; the fields and their order follow the paper: (1) the game and the two options
+in a random order, (2) how points work, (3) the payoff table, (4) the last round, (5) the question
+(selfish framing for every reward), (6) the format line with the options in an independent random
+order, (7) an answer cue. No system prompt is added beyond what the model's chat template inserts.
+
+Because the state is memory-1, a prompt is fully described by four bits
+``(prev_me, prev_other, order_1, order_2)``; its *prompt id* is that 4-bit number (0..15), so a
+batch holds at most 16 distinct prompts and every prompt is tokenized once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lit_moral.errors import ConfigError, check_choice
+from lit_moral.games import C, D, ILLEGAL, MatrixGame
+
+TABLE_ORDERS = ("original", "reversed", "permuted")
+N_PROMPT_IDS = 16
+
+
+def validate_actions(actions: Sequence[str], field: str = "actions") -> tuple[str, str]:
+    """Two distinct non-empty action strings, neither a prefix of the other (exact matching needs that)."""
+    if isinstance(actions, str) or len(actions) != 2:
+        raise ConfigError(f"{field}: expected exactly two action strings, e.g. [action1, action2]; got {actions!r}")
+    a, b = (str(x) for x in actions)
+    if not a.strip() or not b.strip():
+        raise ConfigError(f"{field}: action strings must be non-empty; got {[a, b]!r}")
+    if a != a.strip() or b != b.strip():
+        raise ConfigError(f"{field}: action strings may not start or end with whitespace; got {[a, b]!r}")
+    if a == b:
+        raise ConfigError(f"{field}: the two action strings must differ; got {[a, b]!r}")
+    if a.startswith(b) or b.startswith(a):
+        raise ConfigError(f"{field}: one action string is a prefix of the other ({[a, b]!r}); "
+                          "choose strings such as action1/action2")
+    return a, b
+
+
+def parse_action(text: str, actions: Sequence[str]) -> int:
+    """Whitespace-stripped exact match (PAPER.md section 3): C, D, or ILLEGAL."""
+    t = text.strip()
+    if t == actions[0]:
+        return C
+    if t == actions[1]:
+        return D
+    return ILLEGAL
+
+
+def prompt_id(prev_me: torch.Tensor, prev_other: torch.Tensor, order_1: torch.Tensor,
+              order_2: torch.Tensor) -> torch.Tensor:
+    """``[B]`` prompt ids from four ``[B]`` bit tensors."""
+    return ((prev_me * 2 + prev_other) * 2 + order_1) * 2 + order_2
+
+
+def prompt_bits(pid: int) -> tuple[int, int, int, int]:
+    """Inverse of :func:`prompt_id` for one id: ``(prev_me, prev_other, order_1, order_2)``."""
+    return (pid >> 3) & 1, (pid >> 2) & 1, (pid >> 1) & 1, pid & 1
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """What the prompt shows.
+
+    Attributes:
+        actions: the two action strings, C first (PAPER.md section 3: action1/action2).
+        table_order: payoff-table row/column order: original (C first), reversed (D first), or
+            permuted (rows D first, columns C first).
+        use_chat_template: wrap the text as one user turn with the tokenizer's chat template, if it has one.
+    """
+
+    actions: tuple[str, str] = ("action1", "action2")
+    table_order: str = "original"
+    use_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        validate_actions(self.actions)
+        check_choice("table_order", self.table_order, TABLE_ORDERS)
+
+
+def _table(game: MatrixGame, actions: Sequence[str], order: str) -> str:
+    rows = [D, C] if order in ("reversed", "permuted") else [C, D]
+    cols = [D, C] if order == "reversed" else [C, D]
+    p = game.payoffs
+    fmt = lambda x: f"{float(x):g}"  # noqa: E731
+    lines = ["| | A plays " + " | A plays ".join(actions[c] for c in cols) + " |", "|---|---|---|"]
+    for r in rows:
+        cells = [f"you get {fmt(p[r, c, 0])}, A gets {fmt(p[r, c, 1])}" for c in cols]
+        lines.append(f"| you play {actions[r]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_text(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other: int, order_1: int,
+                order_2: int) -> str:
+    """The user-turn text for one state and option orders (fields 1-7 of PAPER.md section 4)."""
+    a = style.actions
+    first = (a[1], a[0]) if order_1 else (a[0], a[1])
+    fmt_opts = (a[1], a[0]) if order_2 else (a[0], a[1])
+    mine, theirs = (float(x) for x in game.payoffs[prev_me, prev_other])
+    return "\n".join([
+        f"You are playing a game with another agent A. You must choose either {first[0]} or {first[1]}.",
+        "The points you and A get depend on both of your choices. You are the row player and A is the "
+        "column player; the table shows the points for each combination:",
+        _table(game, a, style.table_order),
+        f"You have played with A before. In the last round you chose {a[prev_me]} and A chose "
+        f"{a[prev_other]}, so you got {mine:g} points and A got {theirs:g} points.",
+        "Which action gets you the highest possible score in points?",
+        f"Answer with exactly one of {fmt_opts[0]} or {fmt_opts[1]} and nothing else. Do not explain.",
+        "Your answer:",
+    ])
+
+
+class PromptRenderer:
+    """Renders and tokenizes the 16 prompts of one game and style, once.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        game: the game whose table is shown.
+        style: action strings, table order, chat template use.
+    """
+
+    def __init__(self, tokenizer, game: MatrixGame, style: PromptStyle | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.game = game
+        self.style = style or PromptStyle()
+        self.texts = [self._wrap(render_text(game, self.style, *prompt_bits(i))) for i in range(N_PROMPT_IDS)]
+        self.token_ids: list[list[int]] = [
+            tokenizer(t, add_special_tokens=not self._templated).input_ids for t in self.texts
+        ]
+        self.action_ids: list[list[int]] = [
+            tokenizer(s, add_special_tokens=False).input_ids for s in self.style.actions
+        ]
+
+    @property
+    def _templated(self) -> bool:
+        return self.style.use_chat_template and getattr(self.tokenizer, "chat_template", None) is not None
+
+    def _wrap(self, text: str) -> str:
+        if not self._templated:
+            return text + "\n"
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def sample_ids(self, prev_me: torch.Tensor, prev_other: torch.Tensor, generator: torch.Generator,
+                   shuffle: bool = True) -> torch.Tensor:
+        """``[B]`` prompt ids for the states, with both option orders drawn at random (PAPER.md section 4)."""
+        n = prev_me.shape[0]
+        if shuffle:
+            orders = torch.randint(0, 2, (2, n), generator=generator)
+        else:
+            orders = torch.zeros(2, n, dtype=torch.long)
+        return prompt_id(prev_me, prev_other, orders[0], orders[1])
+
+    @property
+    def max_prompt_len(self) -> int:
+        return max(len(t) for t in self.token_ids)
+
+    def parse(self, token_ids: Sequence[int]) -> int:
+        """Decode generated tokens (special tokens dropped) and parse them to an action code."""
+        return parse_action(self.tokenizer.decode(list(token_ids), skip_special_tokens=True), self.style.actions)
