@@ -142,6 +142,18 @@ def build_prompt_tree(prompts: Sequence[tuple[str, Sequence[int]]], levels: int)
     return out, leaf
 
 
+def auto_levels(prompts: Sequence[tuple[str, Sequence[int]]], max_levels: int = 8) -> int:
+    """The smallest tree depth that reaches the fewest tokens to run (each level is one more pass)."""
+    shortest = min(len(t) for _, t in prompts)
+    best, best_tokens = 1, sum(len(t) for _, t in prompts)
+    for lv in range(2, min(max_levels, shortest) + 1):
+        levels, _ = build_prompt_tree(prompts, lv)
+        tokens = sum(len(t) for level in levels for t in level.tokens)
+        if tokens < best_tokens:
+            best, best_tokens = lv, tokens
+    return best
+
+
 class Policy(nn.Module):
     """A frozen causal LM with one LoRA adapter and one value head per agent.
 
@@ -150,11 +162,12 @@ class Policy(nn.Module):
         agents: agent names; each is an adapter name and a value-head key.
         lora: LoRA settings shared by all agents.
         value_dropout: dropout in the value heads.
-        prefix_levels: levels of the shared-prefix tree (1 = no prefix reuse).
+        prefix_levels: levels of the shared-prefix tree (1 = no prefix reuse, 0 = chosen per batch
+            as the smallest depth that runs the fewest tokens).
     """
 
     def __init__(self, model: nn.Module, agents: Sequence[str], lora: LoraSpec | None = None,
-                 value_dropout: float = 0.0, prefix_levels: int = 3) -> None:
+                 value_dropout: float = 0.0, prefix_levels: int = 0) -> None:
         super().__init__()
         lora = lora or LoraSpec()
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -241,7 +254,8 @@ class Policy(nn.Module):
         Returns:
             A :class:`TreeOutput`.
         """
-        levels, leaf = build_prompt_tree(prompts, self.prefix_levels)
+        depth = self.prefix_levels or auto_levels(prompts)
+        levels, leaf = build_prompt_tree(prompts, min(depth, min(len(t) for _, t in prompts)))
         levels = [lv for lv in levels if lv.tokens]
         cache = mask = plen = h = None
         for d, lv in enumerate(levels):
@@ -329,4 +343,101 @@ class Policy(nn.Module):
         if next_token:
             h_next = h[torch.arange(n, device=h.device), lens]
             out["next_logp"] = torch.log_softmax(self.logits(h_next), -1)
+            if values:
+                out["next_values"] = self.values(h_next, [prompts[i][0] for i, _ in conts])
         return out
+
+    def candidate_logprobs(self, prompts: Sequence[tuple[str, Sequence[int]]],
+                           candidates: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Whole-string log-probs of each candidate after each unique prompt (PAPER.md section 9).
+
+        Returns:
+            ``seq_logp [U, K]`` (full-vocabulary log-prob of each candidate's token string) and
+            ``values [U]`` (value at the last prompt token; 0 for BASE rows).
+        """
+        k = len(candidates)
+        conts = [(u, candidates[j]) for u in range(len(prompts)) for j in range(k)]
+        out = self.continuation_logprobs(prompts, conts)
+        seq = out["logp"].sum(-1).view(len(prompts), k)
+        return {"seq_logp": seq, "values": out["prompt_values"].view(len(prompts), k)[:, 0]}
+
+    def score_samples(self, agent: str, prompt_table: Sequence[Sequence[int]], pid: torch.Tensor, *,
+                      candidates: Sequence[Sequence[int]] | None = None, choice: torch.Tensor | None = None,
+                      responses: Sequence[Sequence[int]] | None = None, naive: bool = False,
+                      ) -> dict[str, torch.Tensor]:
+        """Log-probs, values and entropies of sampled actions under ``agent`` (with gradient if enabled).
+
+        Constrained mode (``candidates`` and ``choice`` given): one step per sample, the policy being the
+        distribution over the candidate strings renormalised to sum to 1. Free mode (``responses``):
+        one step per generated token, full vocabulary.
+
+        Identical (prompt, response) samples are computed once and scattered back (exact without
+        dropout; with dropout, duplicates share one mask). ``naive=True`` runs the obvious path instead:
+        one full forward per sample with full-sequence, full-vocabulary logits, for tests and benchmarks.
+
+        Args:
+            agent: adapter / value-head name (must be the active adapter in train mode).
+            prompt_table: token ids by prompt id.
+            pid: ``[n]`` prompt id of each sample.
+            candidates: the legal action strings' token ids, C first.
+            choice: ``[n]`` index of the sampled candidate.
+            responses: ``n`` generated token sequences.
+
+        Returns:
+            ``logp, values, entropy, mask``: ``[n, T]``.
+        """
+        if naive:
+            return self._score_naive(agent, prompt_table, pid, candidates, choice, responses)
+        pids = pid.tolist()
+        if candidates is not None:
+            uniq = sorted(set(pids))
+            where = {p: i for i, p in enumerate(uniq)}
+            out = self.candidate_logprobs([(agent, prompt_table[p]) for p in uniq], candidates)
+            logq = torch.log_softmax(out["seq_logp"], -1)
+            u = torch.tensor([where[p] for p in pids], device=logq.device)
+            logp = logq[u].gather(1, choice.to(logq.device)[:, None])
+            ent = -(logq.exp() * logq).sum(-1)[u][:, None]
+            mask = torch.ones_like(logp, dtype=torch.bool)
+            return {"logp": logp, "values": out["values"][u][:, None], "entropy": ent, "mask": mask}
+        keys = [(p, tuple(r)) for p, r in zip(pids, responses)]
+        uniq_keys = sorted(set(keys))
+        uniq_p = sorted({p for p, _ in uniq_keys})
+        where_p = {p: i for i, p in enumerate(uniq_p)}
+        where_k = {k: i for i, k in enumerate(uniq_keys)}
+        out = self.continuation_logprobs([(agent, prompt_table[p]) for p in uniq_p],
+                                         [(where_p[p], r) for p, r in uniq_keys], entropy=True)
+        u = torch.tensor([where_k[k] for k in keys], device=out["logp"].device)
+        return {"logp": out["logp"][u], "values": out["values"][u], "entropy": out["entropy"][u],
+                "mask": out["mask"][u]}
+
+    def _score_naive(self, agent, prompt_table, pid, candidates, choice, responses) -> dict[str, torch.Tensor]:
+        """The obvious path: per-sample full forwards, full-vocabulary logits at every position."""
+        self.activate(agent)
+        rows_logp, rows_val, rows_ent = [], [], []
+        device = self.lm_head.weight.device
+        for k, p in enumerate(pid.tolist()):
+            prompt = list(prompt_table[p])
+            seqs = [list(c) for c in candidates] if candidates is not None else [list(responses[k])]
+            logps, ents, vals = [], [], []
+            for seq in seqs:
+                ids = torch.tensor([prompt + seq], device=device)
+                out = self.model(input_ids=ids, output_hidden_states=True)
+                logits = out.logits[0].float()
+                lp_all = torch.log_softmax(logits[len(prompt) - 1: len(prompt) + len(seq) - 1], -1)
+                logps.append(lp_all.gather(-1, torch.tensor(seq, device=device)[:, None]).squeeze(-1))
+                ents.append(-(lp_all.exp() * lp_all).sum(-1))
+                hs = out.hidden_states[-1][0, len(prompt) - 1: len(prompt) + len(seq) - 1]
+                vals.append(self.value_heads[agent](hs))
+            if candidates is not None:
+                logq = torch.log_softmax(torch.stack([x.sum() for x in logps]), -1)
+                rows_logp.append(logq[int(choice[k])].view(1))
+                rows_ent.append((-(logq.exp() * logq).sum()).view(1))
+                rows_val.append(vals[0][:1])
+            else:
+                rows_logp.append(logps[0])
+                rows_ent.append(ents[0])
+                rows_val.append(vals[0])
+        t = max(len(x) for x in rows_logp)
+        pad = lambda xs: torch.stack([torch.nn.functional.pad(x, (0, t - len(x))) for x in xs])  # noqa: E731
+        mask = pad([torch.ones(len(x), device=device) for x in rows_logp]).bool()
+        return {"logp": pad(rows_logp), "values": pad(rows_val), "entropy": pad(rows_ent), "mask": mask}

@@ -110,8 +110,10 @@ def compute_reward(spec: RewardSpec, a_me: torch.Tensor, a_other: torch.Tensor, 
 def deontological_regret(a_me: torch.Tensor, prev_other: torch.Tensor, xi: float = 3.0,
                          illegal_penalty: float = -6.0) -> torch.Tensor:
     """``[B]`` per-round deontological regret ``0 - R_De`` (section 7): 0 best; an illegal answer counts ``-penalty``."""
-    deon = torch.where((a_me == D) & (prev_other == C), torch.full(a_me.shape, float(xi)), torch.zeros(a_me.shape))
-    return torch.where(a_me == ILLEGAL, torch.full(a_me.shape, -float(illegal_penalty)), deon)
+    dev = a_me.device
+    deon = torch.where((a_me == D) & (prev_other == C), torch.full(a_me.shape, float(xi), device=dev),
+                       torch.zeros(a_me.shape, device=dev))
+    return torch.where(a_me == ILLEGAL, torch.full(a_me.shape, -float(illegal_penalty), device=dev), deon)
 
 
 def utilitarian_regret(a_me: torch.Tensor, a_other: torch.Tensor, payoffs: torch.Tensor,

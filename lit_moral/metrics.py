@@ -1,0 +1,114 @@
+"""torchmetrics with additive (sum-reduced) states, so they sync exactly across processes.
+
+Action types (PAPER.md section 7) are the agent's action given the other's previous move:
+``C|C, C|D, D|C, D|D, illegal|C, illegal|D`` (``X|Y`` = played X after the other played Y).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from lit_moral.games import C, D, ILLEGAL
+from lit_moral.rewards import deontological_regret, utilitarian_regret
+
+ACTION_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")
+
+
+def action_type_index(action: torch.Tensor, prev_other: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index into ACTION_TYPES."""
+    return action * 2 + prev_other
+
+
+class _SumMetric(Metric):
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("dist_sync_on_step", True)
+        super().__init__(**kwargs)
+
+
+class ActionTypes(_SumMetric):
+    """Counts of each action type; ``compute`` returns frequencies ``[6]`` (ACTION_TYPES order)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("counts", torch.zeros(len(ACTION_TYPES), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, action: torch.Tensor, prev_other: torch.Tensor) -> None:
+        idx = action_type_index(action.long(), prev_other.long()).to(self.counts.device)
+        self.counts += torch.bincount(idx, minlength=len(ACTION_TYPES)).to(self.counts.dtype)
+
+    def compute(self) -> torch.Tensor:
+        return self.counts / self.counts.sum().clamp_min(1)
+
+
+class CooperationRate(_SumMetric):
+    """Share of rounds where the agent played C (illegal answers count in the denominator)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("coop", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, action: torch.Tensor) -> None:
+        self.coop += (action == C).sum().to(self.coop.dtype).to(self.coop.device)
+        self.total += action.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.coop / self.total.clamp_min(1)
+
+
+class IllegalRate(_SumMetric):
+    """Share of illegal answers."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("illegal", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, action: torch.Tensor) -> None:
+        self.illegal += (action == ILLEGAL).sum().to(self.illegal.dtype).to(self.illegal.device)
+        self.total += action.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.illegal / self.total.clamp_min(1)
+
+
+class MoralRegret(_SumMetric):
+    """Mean per-round moral regret (section 7): ``kind`` is ``deontological`` (0..6) or ``utilitarian`` (0..1).
+
+    Args:
+        kind: which regret.
+        payoffs: ``[2, 2, 2]`` table of the game actually played (utilitarian regret needs it).
+        xi: deontological penalty used for the regret (the paper's evaluation used 4, training 3).
+        illegal_penalty: reward of an illegal answer.
+    """
+
+    def __init__(self, kind: str, payoffs: torch.Tensor | None = None, xi: float = 3.0,
+                 illegal_penalty: float = -6.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if kind not in ("deontological", "utilitarian"):
+            raise ValueError(f"kind: {kind!r}; allowed: deontological, utilitarian")
+        if kind == "utilitarian" and payoffs is None:
+            raise ValueError("utilitarian regret needs the game's payoffs")
+        self.kind, self.xi, self.illegal_penalty = kind, xi, illegal_penalty
+        self.payoffs = None if payoffs is None else torch.as_tensor(payoffs, dtype=torch.float32)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, action: torch.Tensor, other_action: torch.Tensor, prev_other: torch.Tensor) -> None:
+        action, other_action, prev_other = action.cpu(), other_action.cpu(), prev_other.cpu()
+        if self.kind == "deontological":
+            r = deontological_regret(action, prev_other, self.xi, self.illegal_penalty)
+        else:
+            r = utilitarian_regret(action, other_action, self.payoffs, self.illegal_penalty)
+        self.total += r.sum().to(self.total.dtype).to(self.total.device)
+        self.count += r.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp_min(1)
+
+
+__all__ = ["ACTION_TYPES", "ActionTypes", "CooperationRate", "IllegalRate", "MoralRegret", "action_type_index",
+           "C", "D"]

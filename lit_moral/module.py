@@ -1,0 +1,408 @@
+"""The LightningModule: one PPO iteration per ``training_step`` (manual optimization).
+
+An iteration: play ``episodes_per_iteration`` games of ``rounds_per_episode`` rounds for every
+match in parallel -> rewards (total and components) -> KL penalty against the base model ->
+advantages -> ``ppo_epochs`` x minibatches of (forward, loss, ``manual_backward``, clip, step) per
+trained agent -> metrics and logs. Hyperparameters and schedules count *episodes* (games), as the
+paper does; ``self.episode`` is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_moral import models
+from lit_moral.errors import ConfigError, check_choice, check_positive
+from lit_moral.games import MatrixGame
+from lit_moral.metrics import ACTION_TYPES, ActionTypes, CooperationRate, IllegalRate, MoralRegret
+from lit_moral.opponents import LLM_OPPONENT, OPPONENT_NAMES, Opponent, make_opponent
+from lit_moral.policy import LoraSpec, Policy
+from lit_moral.ppo import KLController, PPOConfig, RunningMoments, explained_variance, gae, kl_rewards, ppo_loss, whiten
+from lit_moral.prompts import PromptRenderer, PromptStyle, validate_actions
+from lit_moral.rewards import RewardSpec
+from lit_moral.rollout import ActionSampler, AgentSamples, Match, merge, play
+
+AGENT_NAME = re.compile(r"^agent_[01]$")
+
+
+@dataclass
+class AgentConfig:
+    """One LLM agent.
+
+    Attributes:
+        name: ``agent_0`` or ``agent_1`` (also the LoRA adapter name).
+        reward: a named reward (game, deontological, utilitarian, game_deontological) or a mapping
+            component -> weight, e.g. ``{game: 1.0, utilitarian: 0.5}``.
+        train: update this agent (False keeps its adapter fixed, e.g. a frozen opponent).
+    """
+
+    name: str = "agent_0"
+    reward: str | dict[str, float] = "deontological"
+    train: bool = True
+
+
+class _Iterations(IterableDataset):
+    """Yields iteration indices; an IterableDataset so Lightning adds no distributed sampler."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class MoralPPO(pl.LightningModule):
+    """LLM agents (LoRA adapters on one frozen base) trained with PPO on game and moral rewards.
+
+    Args:
+        model: model spec: ``smollm2-135m-instruct`` (offline default), ``gemma-3-270m``, ``tiny``,
+            a local directory or a hub id already in the local cache.
+        dtype: weights dtype: float32, bfloat16 or float16.
+        agents: one or two agents (default: one deontological ``agent_0``).
+        opponent: each agent's fixed opponent (tft, always_cooperate, always_defect, random), or
+            ``llm``: agent_0 and agent_1 play each other.
+        game: game name (IPD, ISH, ICN, BOS, ICD) or a ``[2, 2, 2]`` payoff list.
+        rounds_per_episode: rounds per game (paper: 5 vs fixed strategies, 3 for two learners).
+        episodes_per_iteration: games played in parallel per PPO iteration, per match (the paper: 1).
+        iterations_per_epoch: PPO iterations per Lightning epoch (bound runs with ``trainer.max_epochs``).
+        action_mode: ``constrained`` (choose among the legal strings) or ``free`` (generate, exact-match).
+        actions: the two action strings, C first.
+        max_new_tokens: tokens generated in free mode (paper: 2).
+        xi: deontological penalty (paper: 3).
+        illegal_penalty: reward for an illegal answer (paper: -6).
+        lora: LoRA settings.
+        value_head_dropout: value-head dropout (paper: 0.1).
+        ppo: PPO settings.
+        lr: Adam learning rate (paper: 1.41e-5).
+        prefix_levels: shared-prefix tree depth in the forward engine (0 = automatic, 1 = no prefix reuse).
+        seed: seed for games, sampling and opponents (each process adds its rank).
+        run_name: name used for the checkpoint folder.
+    """
+
+    def __init__(
+        self,
+        model: str = models.SMOLLM2,
+        dtype: str = "float32",
+        agents: list[AgentConfig] | None = None,
+        opponent: str = "tft",
+        game: str | list = "IPD",
+        rounds_per_episode: int = 5,
+        episodes_per_iteration: int = 64,
+        iterations_per_epoch: int = 10,
+        action_mode: Literal["constrained", "free"] = "constrained",
+        actions: tuple[str, str] = ("action1", "action2"),
+        max_new_tokens: int = 2,
+        xi: float = 3.0,
+        illegal_penalty: float = -6.0,
+        lora: LoraSpec | None = None,
+        value_head_dropout: float = 0.0,
+        ppo: PPOConfig | None = None,
+        lr: float = 1.41e-5,
+        prefix_levels: int = 0,
+        seed: int = 0,
+        run_name: str = "run",
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.save_hyperparameters()
+        # Validate everything cheap before any model is loaded.
+        self.agent_cfgs = [a if isinstance(a, AgentConfig) else AgentConfig(**a) for a in (agents or [AgentConfig()])]
+        self._validate(model, opponent, rounds_per_episode, episodes_per_iteration, iterations_per_epoch,
+                       action_mode, actions, max_new_tokens, lr, prefix_levels, dtype)
+        self.game = MatrixGame.from_spec(game, "game")
+        self.style = PromptStyle(actions=tuple(actions))
+        self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
+                        for i, a in enumerate(self.agent_cfgs)}
+        self.lora = lora or LoraSpec()
+        self.ppo_cfg = ppo or PPOConfig()
+        self.agent_names = [a.name for a in self.agent_cfgs]
+        self.trained = [a.name for a in self.agent_cfgs if a.train]
+        self.opponent_name = opponent
+        self.kl_ctl = {a: self._new_kl() for a in self.agent_names}
+        self.moments = {a: RunningMoments() for a in self.agent_names}
+        self.opponents: dict[str, Opponent] = {}
+        self.set_opponent(opponent)
+        self.episode = 0
+        self.iteration = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.policy: Policy | None = None
+        self.tokenizer = None
+        self.renderer: PromptRenderer | None = None
+        self.sampler: ActionSampler | None = None
+        self.last_samples: dict[str, AgentSamples] = {}
+        self.metrics = torch.nn.ModuleDict({a: self._new_metrics() for a in self.agent_names})
+
+    # ---- configuration ------------------------------------------------------------------------
+    def _validate(self, model, opponent, rounds, episodes, iterations, mode, actions, max_new, lr, levels,
+                  dtype) -> None:
+        models.validate_model_spec(model)
+        check_choice("dtype", dtype, models.DTYPES)
+        if not 1 <= len(self.agent_cfgs) <= 2:
+            raise ConfigError(f"agents: expected one or two agents; got {len(self.agent_cfgs)}")
+        names = [a.name for a in self.agent_cfgs]
+        for i, n in enumerate(names):
+            if not AGENT_NAME.match(str(n)):
+                raise ConfigError(f"agents[{i}].name: got {n!r}; allowed: agent_0, agent_1")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"agents: names must be distinct; got {names}")
+        check_choice("opponent", opponent, OPPONENT_NAMES)
+        if opponent == LLM_OPPONENT and len(names) != 2:
+            raise ConfigError("opponent: 'llm' (self-play) needs two agents (agent_0 and agent_1); "
+                              f"got {len(names)} agent(s)")
+        for field_name, v in (("rounds_per_episode", rounds), ("episodes_per_iteration", episodes),
+                              ("iterations_per_epoch", iterations), ("max_new_tokens", max_new), ("lr", lr),
+                              ("prefix_levels", levels)):
+            check_positive(field_name, v, allow_zero=field_name == "prefix_levels")
+            if field_name != "lr" and not isinstance(v, int):
+                raise ConfigError(f"{field_name}: got {v!r}; must be a whole number > 0")
+        if not math.isfinite(lr):
+            raise ConfigError(f"lr: got {lr!r}; must be a finite number > 0")
+        check_choice("action_mode", mode, ("constrained", "free"))
+        validate_actions(actions)
+
+    def _new_kl(self) -> KLController:
+        c = self.ppo_cfg
+        return KLController(c.init_kl_coef, c.target_kl if c.kl_penalty == "adaptive" else None, c.kl_horizon)
+
+    def _new_metrics(self) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({
+            "coop": CooperationRate(), "illegal": IllegalRate(), "types": ActionTypes(),
+            "deon": MoralRegret("deontological", xi=self.hparams.xi, illegal_penalty=self.hparams.illegal_penalty),
+            "util": MoralRegret("utilitarian", payoffs=self.game.payoffs, illegal_penalty=self.hparams.illegal_penalty),
+        })
+
+    def set_opponent(self, name: str) -> None:
+        """Switch every agent's opponent (a fixed strategy name or ``llm``); used by OpponentSchedule."""
+        check_choice("opponent", name, OPPONENT_NAMES)
+        if name == LLM_OPPONENT and len(self.agent_names) != 2:
+            raise ConfigError("opponent: 'llm' needs two agents")
+        self.opponent_name = name
+        if name != LLM_OPPONENT:
+            for i, a in enumerate(self.agent_names):
+                if a not in self.opponents or self.opponents[a].name != name:
+                    self.opponents[a] = make_opponent(name, seed=self.hparams.seed * 1000 + 17 * (i + 1))
+
+    def set_reward(self, agent: str, reward: str | dict) -> None:
+        """Switch an agent's reward (used by RewardSchedule); statistics and KL state carry on."""
+        check_choice("agent", agent, self.agent_names)
+        self.rewards[agent] = RewardSpec.parse(reward, self.hparams.xi, self.hparams.illegal_penalty,
+                                               f"reward of {agent}")
+
+    def configure_model(self) -> None:
+        """Load the base model and build adapters and value heads (once)."""
+        if self.policy is not None:
+            return
+        base, self.tokenizer = models.load(self.hparams.model, self.hparams.dtype)
+        self.policy = Policy(base, self.agent_names, self.lora, self.hparams.value_head_dropout,
+                             self.hparams.prefix_levels)
+        self.renderer = PromptRenderer(self.tokenizer, self.game, self.style)
+        limit = getattr(base.config, "max_position_embeddings", None)
+        need = self.renderer.max_prompt_len + self.hparams.max_new_tokens
+        if limit is not None and need > limit:
+            raise ConfigError(f"model: prompts need {need} tokens but {self.hparams.model!r} has a context of {limit}")
+        self.sampler = ActionSampler(self.policy, self.renderer, self.hparams.action_mode, self.generator,
+                                     self.hparams.max_new_tokens)
+
+    def setup(self, stage: str) -> None:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if rank:
+            # Each process plays its own games: a different stream per rank.
+            self.generator.manual_seed(self.hparams.seed + 7919 * rank)
+
+    def configure_callbacks(self):
+        """Adapters are exported in peft format beside every checkpoint unless the user configured it."""
+        from lit_moral.callbacks import AdapterExport
+
+        if self._trainer is not None and any(isinstance(c, AdapterExport) for c in self.trainer.callbacks):
+            return []
+        return [AdapterExport()]
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam([p for _, p in self.policy.agent_parameters(a)], lr=self.hparams.lr)
+                for a in self.trained]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
+
+    # ---- one PPO iteration ----------------------------------------------------------------------
+    def matches(self) -> list[Match]:
+        n = self._local_games()
+        if self.opponent_name == LLM_OPPONENT:
+            return [Match(("agent_0", "agent_1"), n)]
+        return [Match((a, self.opponents[a]), n) for a in self.agent_names]
+
+    def _local_games(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        n = self.hparams.episodes_per_iteration
+        if n % world:
+            raise ConfigError(f"episodes_per_iteration: {n} does not split evenly over {world} processes")
+        return n // world
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        self.policy.eval()
+        played = play(self.sampler, self.matches(), self.game, self.hparams.rounds_per_episode, self.rewards)
+        samples = {a: merge(parts) for a, parts in played.items()}
+        t1 = time.perf_counter()
+        self.policy.train()
+        logs: dict[str, float] = {}
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for agent, opt in zip(self.trained, optimizers):
+            logs.update(self._update(agent, samples[agent], opt))
+        t2 = time.perf_counter()
+        self.policy.eval()
+        self.episode += self.hparams.episodes_per_iteration
+        self.iteration += 1
+        self.last_samples = samples
+        moves = sum(len(s) for s in samples.values()) * (self.trainer.world_size if self._trainer else 1)
+        logs.update({"perf/moves_per_s": moves / (t2 - t0), "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
+                     "perf/episode": float(self.episode)})
+        self._log_iteration(samples, logs)
+
+    def _update(self, agent: str, s: AgentSamples, opt) -> dict[str, float]:
+        """PPO update of one agent on its samples (TRL-legacy step, PAPER.md section 6)."""
+        cfg, dev = self.ppo_cfg, self.device
+        self.policy.activate(agent)
+        scores = s.reward.clone()
+        if cfg.normalize_rewards:
+            self.moments[agent].update(scores)
+            scores = self.moments[agent].normalize(scores)
+        rewards, kl = kl_rewards(scores, s.old_logp, s.ref_logp, s.mask.float(), self.kl_ctl[agent].value)
+        adv, ret = gae(rewards, s.values, s.mask.float(), cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, s.mask.float())
+        old_logp, old_values, mask = s.old_logp.to(dev), s.values.to(dev), s.mask.to(dev).float()
+        adv, ret = adv.to(dev), ret.to(dev)
+        n, t = s.mask.shape
+        size = math.ceil(n / cfg.minibatches)
+        passes = cfg.ppo_epochs * math.ceil(n / size)
+        stats: list[dict[str, torch.Tensor]] = []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=self.generator)
+            for k in range(0, n, size):
+                idx = perm[k:k + size]
+                out = self._score(agent, s, idx)
+                pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+                loss, st = ppo_loss(pad(out["logp"]), old_logp[idx], pad(out["values"]), old_values[idx], ret[idx],
+                                    adv[idx], mask[idx], cfg, pad(out["entropy"]))
+                self._check_finite(loss, "loss", agent)
+                self.manual_backward(loss / passes if cfg.paper_compat else loss)
+                if not cfg.paper_compat:
+                    self._step(opt, agent)
+                stats.append({**st, "total": loss.detach()})
+        if cfg.paper_compat:
+            # The original's effective update: one Adam step on the average of all passes' gradients.
+            self._step(opt, agent)
+        mean_kl = kl.sum(1).mean().item()
+        self.kl_ctl[agent].update(mean_kl, n)
+        avg = {k: torch.stack([x[k] for x in stats]).mean().item() for k in stats[0]}
+        ev = explained_variance(s.values, ret.cpu(), s.mask.float()).item()
+        return {
+            f"loss/policy/{agent}": avg["policy"], f"loss/value/{agent}": avg["value"],
+            f"loss/total/{agent}": avg["total"], f"policy/entropy/{agent}": avg["entropy"],
+            f"policy/approx_kl/{agent}": avg["approx_kl"], f"policy/clipfrac/{agent}": avg["clipfrac"],
+            f"policy/ratio/{agent}": avg["ratio"], f"policy/kl/{agent}": mean_kl,
+            f"policy/kl_coef/{agent}": self.kl_ctl[agent].value, f"value/clipfrac/{agent}": avg["value_clipfrac"],
+            f"value/explained_variance/{agent}": ev, f"reward/normalized/{agent}": scores.mean().item(),
+        }
+
+    def _score(self, agent: str, s: AgentSamples, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        table = self.renderer.token_ids
+        if self.hparams.action_mode == "constrained":
+            return self.policy.score_samples(agent, table, s.pid[idx], candidates=self.renderer.action_ids,
+                                             choice=s.choice[idx])
+        return self.policy.score_samples(agent, table, s.pid[idx], responses=[s.responses[i] for i in idx.tolist()])
+
+    def _step(self, opt, agent: str) -> None:
+        if self.ppo_cfg.max_grad_norm > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.ppo_cfg.max_grad_norm, gradient_clip_algorithm="norm")
+        for name, p in self.policy.agent_parameters(agent):
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise FloatingPointError(f"non-finite gradient in {name} at iteration {self.iteration}, agent {agent}; "
+                                         "the last good checkpoint is kept")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _check_finite(self, x: torch.Tensor, what: str, agent: str) -> None:
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite {what} at iteration {self.iteration}, agent {agent}; "
+                                     "the last good checkpoint is kept")
+
+    # ---- logging --------------------------------------------------------------------------------
+    def _log_iteration(self, samples: dict[str, AgentSamples], logs: dict[str, float]) -> None:
+        for agent, s in samples.items():
+            self._check_finite(s.reward, "reward", agent)
+            m = self.metrics[agent]
+            m["coop"](s.action)
+            m["illegal"](s.action)
+            m["deon"](s.action, s.other_action, s.prev_other)
+            m["util"](s.action, s.other_action, s.prev_other)
+            types = m["types"](s.action, s.prev_other)
+            self.log(f"game/coop_rate/{agent}", m["coop"], on_step=True, on_epoch=False)
+            self.log(f"game/illegal_rate/{agent}", m["illegal"], on_step=True, on_epoch=False)
+            self.log(f"moral/regret_deontological/{agent}", m["deon"], on_step=True, on_epoch=False)
+            self.log(f"moral/regret_utilitarian/{agent}", m["util"], on_step=True, on_epoch=False)
+            for name, v in zip(ACTION_TYPES, types.tolist()):
+                logs[f"actions/{name}/{agent}"] = v
+            logs[f"reward/total/{agent}"] = s.reward.mean().item()
+            for k, v in s.components.items():
+                logs[f"reward/{k}/{agent}"] = v.float().mean().item()
+            if self.hparams.action_mode == "constrained":
+                logs[f"game/format_mass/{agent}"] = s.format_mass.mean().item()
+        logs["step"] = float(self.episode)  # TensorBoard's x-axis is episodes, as in the paper
+        self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=True)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """Only trainable state: LoRA weights and value heads (the frozen base is not saved)."""
+        full = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in full.items() if "lora_" in k or "value_heads" in k}
+
+    def fingerprint(self) -> dict:
+        return {"model": self.hparams.model, "agents": list(self.agent_names), "lora_r": self.lora.r,
+                "lora_target_modules": self.lora.target_modules, "action_mode": self.hparams.action_mode}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_moral"] = {
+            "fingerprint": self.fingerprint(), "episode": self.episode, "iteration": self.iteration,
+            "opponent": self.opponent_name,
+            "rewards": {a: {"weights": dict(r.weights), "name": r.name} for a, r in self.rewards.items()},
+            "kl": {a: c.state_dict() for a, c in self.kl_ctl.items()},
+            "moments": {a: m.state_dict() for a, m in self.moments.items()},
+            "generator": self.generator.get_state(),
+            "opponents": {a: o.state_dict() for a, o in self.opponents.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lit_moral")
+        if state is None:
+            raise ConfigError("ckpt_path: not a lit_moral checkpoint (no 'lit_moral' section)")
+        mine, theirs = self.fingerprint(), state["fingerprint"]
+        diff = [f"{k}: checkpoint has {theirs.get(k)!r}, config has {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
+        if diff:
+            raise ConfigError("ckpt_path: checkpoint does not match this run (" + "; ".join(diff) + ")")
+        self.episode, self.iteration = int(state["episode"]), int(state["iteration"])
+        self.set_opponent(state["opponent"])
+        for a, r in state["rewards"].items():
+            self.set_reward(a, r["name"] if r["name"] != "custom" else r["weights"])
+        for a, c in state["kl"].items():
+            self.kl_ctl[a].load_state_dict(c)
+        for a, m in state["moments"].items():
+            self.moments[a].load_state_dict(m)
+        self.generator.set_state(state["generator"])
+        for a, o in state["opponents"].items():
+            if a in self.opponents:
+                self.opponents[a].load_state_dict(o)

@@ -1,0 +1,289 @@
+"""No-grad batched play: prompts -> actions -> rewards, collected into per-agent sample batches.
+
+All games of an iteration are played in parallel. Each round, every LLM player's requests (both
+agents, and the reference policy for the KL penalty) are resolved in one mixed-adapter forward over
+the *distinct* prompts only; results are memoised for the whole iteration (the policy does not
+change during a rollout), so a prompt is run at most once per iteration and agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lit_moral.games import ILLEGAL, MatrixGame, effective_action, next_prev, random_moves
+from lit_moral.opponents import Opponent
+from lit_moral.policy import BASE, Policy
+from lit_moral.prompts import PromptRenderer
+from lit_moral.rewards import RewardSpec, compute_reward
+
+
+@dataclass
+class AgentSamples:
+    """One agent's moves in an iteration, flattened over (game, round). ``N`` samples, ``T`` steps.
+
+    Attributes:
+        pid: ``[N]`` prompt id. choice: ``[N]`` candidate index (constrained) or -1.
+        responses: ``N`` generated token tuples (free mode) or the chosen candidate's tokens.
+        action, other_action, prev_me, prev_other: ``[N]`` action codes (other_action is the other
+            player's effective legal move; prev_* are the moves shown in the prompt).
+        episode, round: ``[N]`` indices within the iteration. opponent: name of the other player.
+        reward: ``[N]`` total reward. components: name -> ``[N]``.
+        old_logp, ref_logp, values, entropy: ``[N, T]``; mask: ``[N, T]`` bool.
+        format_mass: ``[N]`` probability outside the legal strings (constrained) or NaN (free).
+    """
+
+    agent: str
+    opponent: str
+    pid: torch.Tensor
+    choice: torch.Tensor
+    responses: list[tuple[int, ...]]
+    action: torch.Tensor
+    other_action: torch.Tensor
+    prev_me: torch.Tensor
+    prev_other: torch.Tensor
+    episode: torch.Tensor
+    round: torch.Tensor
+    reward: torch.Tensor
+    components: dict[str, torch.Tensor]
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor
+    format_mass: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pid.shape[0]
+
+
+@dataclass
+class Match:
+    """``n`` parallel games between two players, each an agent name or a fixed Opponent."""
+
+    players: tuple[str | Opponent, str | Opponent]
+    n: int
+
+
+@dataclass
+class _Moves:
+    """Per-request results of one round for one agent."""
+
+    action: torch.Tensor
+    choice: torch.Tensor
+    responses: list[tuple[int, ...]]
+    logp: list[torch.Tensor]
+    ref_logp: list[torch.Tensor]
+    values: list[torch.Tensor]
+    entropy: list[torch.Tensor]
+    format_mass: torch.Tensor
+
+
+@dataclass
+class ActionSampler:
+    """Samples actions from the policy for batches of prompt ids, memoising distinct prompts.
+
+    Args:
+        policy: the Policy (in eval mode during rollouts).
+        renderer: prompt tokens by prompt id.
+        mode: ``constrained`` (choose among the legal strings by whole-string probability) or ``free``
+            (sample up to ``max_new_tokens`` tokens at temperature 1, then exact-match).
+        generator: CPU generator for sampling.
+        max_new_tokens: free-mode generation length.
+        with_reference: also compute the reference (adapter-disabled) log-probs.
+    """
+
+    policy: Policy
+    renderer: PromptRenderer
+    mode: str
+    generator: torch.Generator
+    max_new_tokens: int = 2
+    with_reference: bool = True
+    _memo: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Forget memoised results (call whenever the weights change)."""
+        self._memo.clear()
+
+    def _resolve(self, keys: Sequence[tuple[str, int, tuple[int, ...]]]) -> None:
+        """Compute missing memo entries ``(adapter, pid, prefix)`` in one mixed-adapter forward."""
+        missing = sorted({k for k in keys if k not in self._memo})
+        if not missing:
+            return
+        table = self.renderer.token_ids
+        prompts = sorted({(a, p) for a, p, _ in missing})
+        where = {k: i for i, k in enumerate(prompts)}
+        plist = [(a, table[p]) for a, p in prompts]
+        if self.mode == "constrained":
+            out = self.policy.candidate_logprobs(plist, self.renderer.action_ids)
+            for (a, p), i in where.items():
+                self._memo[(a, p, ())] = (out["seq_logp"][i].cpu(), out["values"][i].cpu())
+            return
+        out = self.policy.continuation_logprobs(plist, [(where[(a, p)], list(pre)) for a, p, pre in missing],
+                                                values=True, next_token=True)
+        for j, k in enumerate(missing):
+            self._memo[k] = (out["next_logp"][j].cpu(), out["next_values"][j].cpu())
+
+    def act(self, requests: Sequence[tuple[str, torch.Tensor]]) -> list[_Moves]:
+        """Sample moves for several agents at once.
+
+        Args:
+            requests: ``(agent, pid [n])`` per LLM player.
+        """
+        adapters = lambda a: [a, BASE] if self.with_reference else [a]  # noqa: E731
+        if self.mode == "constrained":
+            self._resolve([(x, int(p), ()) for a, pid in requests for x in adapters(a) for p in pid.unique()])
+            return [self._choose(a, pid) for a, pid in requests]
+        return self._generate(requests, adapters)
+
+    def _choose(self, agent: str, pid: torch.Tensor) -> _Moves:
+        seq = torch.stack([self._memo[(agent, int(p), ())][0] for p in pid])
+        val = torch.stack([self._memo[(agent, int(p), ())][1] for p in pid])
+        logq = torch.log_softmax(seq, -1)
+        choice = torch.multinomial(logq.exp(), 1, generator=self.generator).squeeze(1)
+        logp = logq.gather(1, choice[:, None])
+        if self.with_reference:
+            ref = torch.stack([self._memo[(BASE, int(p), ())][0] for p in pid])
+            ref_logp = torch.log_softmax(ref, -1).gather(1, choice[:, None])
+        else:
+            ref_logp = logp.clone()
+        ent = -(logq.exp() * logq).sum(-1, keepdim=True)
+        mass = 1.0 - seq.exp().sum(-1)
+        cands = self.renderer.action_ids
+        return _Moves(choice.clone(), choice, [tuple(cands[c]) for c in choice.tolist()], list(logp),
+                      list(ref_logp), list(val[:, None]), list(ent), mass)
+
+    def _generate(self, requests, adapters) -> list[_Moves]:
+        eos = self.renderer.tokenizer.eos_token_id
+        state = []  # per request: responses, per-step logp/ref/value/entropy lists, done flags
+        for _, pid in requests:
+            n = pid.shape[0]
+            state.append(([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
+                          [[] for _ in range(n)], [[] for _ in range(n)], [False] * n))
+        for _ in range(self.max_new_tokens):
+            keys = []
+            for (a, pid), (resp, *_, done) in zip(requests, state):
+                for j, p in enumerate(pid.tolist()):
+                    if not done[j]:
+                        keys += [(x, p, tuple(resp[j])) for x in adapters(a)]
+            if not keys:
+                break
+            self._resolve(keys)
+            for (a, pid), (resp, lps, refs, vals, ents, done) in zip(requests, state):
+                for j, p in enumerate(pid.tolist()):
+                    if done[j]:
+                        continue
+                    dist, value = self._memo[(a, p, tuple(resp[j]))]
+                    tok = int(torch.multinomial(dist.exp(), 1, generator=self.generator))
+                    lps[j].append(dist[tok])
+                    refs[j].append(self._memo[(BASE, p, tuple(resp[j]))][0][tok] if self.with_reference else dist[tok])
+                    vals[j].append(value)
+                    ents[j].append(-(dist.exp() * dist).sum())
+                    resp[j].append(tok)
+                    done[j] = tok == eos
+        moves = []
+        for (a, pid), (resp, lps, refs, vals, ents, _) in zip(requests, state):
+            action = torch.tensor([self.renderer.parse(r) for r in resp], dtype=torch.long)
+            moves.append(_Moves(action, torch.full_like(action, -1), [tuple(r) for r in resp],
+                                [torch.stack(x) for x in lps], [torch.stack(x) for x in refs],
+                                [torch.stack(x) for x in vals], [torch.stack(x) for x in ents],
+                                torch.full((len(resp),), float("nan"))))
+        return moves
+
+
+def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), t)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r.float()
+        mask[i, :len(r)] = True
+    return out, mask
+
+
+def _name(player: str | Opponent) -> str:
+    return player if isinstance(player, str) else player.name
+
+
+@torch.no_grad()
+def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rounds: int,
+         rewards: dict[str, RewardSpec]) -> dict[str, list[AgentSamples]]:
+    """Play ``rounds`` rounds of every match in parallel (PAPER.md sections 2-3, 5).
+
+    Each game starts from a random previous-move state: an agent's move uniform, a fixed
+    opponent's from its ``first_move``. An illegal answer leaves the player's remembered move
+    unchanged and counts as that move for the other player's payoff.
+
+    Returns:
+        agent name -> one AgentSamples per match the agent plays in.
+    """
+    sampler.reset()
+    gen = sampler.generator
+    out: dict[str, list[AgentSamples]] = {}
+    for m in matches:
+        prev = [random_moves(m.n, gen) if isinstance(p, str) else p.first_move(m.n) for p in m.players]
+        rec: dict[int, list[dict]] = {i: [] for i, p in enumerate(m.players) if isinstance(p, str)}
+        for r in range(rounds):
+            acts: list[torch.Tensor | None] = [None, None]
+            reqs, who = [], []
+            for i, p in enumerate(m.players):
+                if isinstance(p, str):
+                    pid = sampler.renderer.sample_ids(prev[i], prev[1 - i], gen)
+                    reqs.append((p, pid))
+                    who.append((i, pid))
+                else:
+                    acts[i] = p.act(prev[1 - i], prev[i])
+            for (i, pid), mv in zip(who, sampler.act(reqs)):
+                acts[i] = mv.action
+                rec[i].append({"pid": pid, "mv": mv, "round": r})
+            eff = [effective_action(acts[i], prev[i]) for i in range(2)]
+            for i in rec:
+                total, comps = compute_reward(rewards[m.players[i]], acts[i], eff[1 - i], prev[1 - i], game.payoffs)
+                rec[i][-1].update(action=acts[i], other=eff[1 - i], prev_me=prev[i], prev_other=prev[1 - i],
+                                  reward=total, comps=comps)
+            prev = [next_prev(acts[i], prev[i]) for i in range(2)]
+        for i, rows in rec.items():
+            out.setdefault(m.players[i], []).append(_collect(m.players[i], _name(m.players[1 - i]), rows, m.n))
+    return out
+
+
+def _collect(agent: str, opponent: str, rows: list[dict], n: int) -> AgentSamples:
+    cat = lambda k: torch.cat([r[k] for r in rows])  # noqa: E731
+    mvs = [r["mv"] for r in rows]
+    flat = lambda attr: [x for mv in mvs for x in getattr(mv, attr)]  # noqa: E731
+    old_logp, mask = _pad(flat("logp"))
+    values, _ = _pad(flat("values"))
+    entropy, _ = _pad(flat("entropy"))
+    ref_logp, _ = _pad(flat("ref_logp"))
+    comps = {k: torch.cat([r["comps"][k] for r in rows]) for k in rows[0]["comps"]}
+    return AgentSamples(
+        agent=agent, opponent=opponent, pid=cat("pid"),
+        choice=torch.cat([mv.choice for mv in mvs]), responses=flat("responses"),
+        action=cat("action"), other_action=cat("other"), prev_me=cat("prev_me"), prev_other=cat("prev_other"),
+        episode=torch.arange(n).repeat(len(rows)), round=torch.cat([torch.full((n,), r["round"]) for r in rows]),
+        reward=cat("reward"), components=comps, old_logp=old_logp, ref_logp=ref_logp, values=values,
+        entropy=entropy, mask=mask, format_mass=torch.cat([mv.format_mass for mv in mvs]),
+    )
+
+
+def merge(parts: Sequence[AgentSamples]) -> AgentSamples:
+    """Concatenate one agent's samples from several matches (steps padded to the longest)."""
+    if len(parts) == 1:
+        return parts[0]
+    t = max(p.mask.shape[1] for p in parts)
+    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+    cat = lambda k: torch.cat([getattr(p, k) for p in parts])  # noqa: E731
+    return AgentSamples(
+        agent=parts[0].agent, opponent="+".join(p.opponent for p in parts), pid=cat("pid"), choice=cat("choice"),
+        responses=[r for p in parts for r in p.responses], action=cat("action"), other_action=cat("other_action"),
+        prev_me=cat("prev_me"), prev_other=cat("prev_other"), episode=cat("episode"), round=cat("round"),
+        reward=cat("reward"), components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
+        old_logp=torch.cat([pad(p.old_logp) for p in parts]), ref_logp=torch.cat([pad(p.ref_logp) for p in parts]),
+        values=torch.cat([pad(p.values) for p in parts]), entropy=torch.cat([pad(p.entropy) for p in parts]),
+        mask=torch.cat([pad(p.mask) for p in parts]), format_mass=cat("format_mass"),
+    )
+
+
+__all__ = ["ILLEGAL", "ActionSampler", "AgentSamples", "Match", "merge", "play"]
