@@ -183,13 +183,14 @@ class Policy(nn.Module):
 
     # ---- parameters -------------------------------------------------------------------------
     def agent_parameters(self, agent: str) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of one agent's LoRA weights and value head, selected by name."""
-        lora = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and f".{agent}." in n]
+        """(name, parameter) of one agent's LoRA weights and value head, selected by name (names as in
+        ``Policy.named_parameters``)."""
+        lora = [(f"model.{n}", p) for n, p in self.model.named_parameters() if "lora_" in n and f".{agent}." in n]
         head = [(f"value_heads.{agent}.{n}", p) for n, p in self.value_heads[agent].named_parameters()]
         return lora + head
 
     def base_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if "lora_" not in n]
+        return [(f"model.{n}", p) for n, p in self.model.named_parameters() if "lora_" not in n]
 
     def activate(self, agent: str) -> None:
         """Make ``agent`` the active adapter (peft also makes only its LoRA weights trainable)."""

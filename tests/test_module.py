@@ -1,0 +1,104 @@
+"""Training-iteration behaviour of the LightningModule on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_moral import models
+from lit_moral.errors import ConfigError
+from lit_moral.module import AgentConfig
+from tests.helpers import tiny_module, trainer
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+
+def _changed(before, module):
+    return {n for n, p in module.policy.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+@pytest.mark.parametrize("mode", ["constrained", "free"])
+def test_one_iteration_moves_every_trained_parameter_and_no_base_weight(tmp_path, mode):
+    m = tiny_module(action_mode=mode)
+    m.configure_model()
+    before = _snapshot(m)
+    trainer(tmp_path).fit(m)
+    changed = _changed(before, m)
+    agent = {n for n, _ in m.policy.agent_parameters("agent_0")}
+    # agent_parameters names value heads relative to the Policy; named_parameters does the same.
+    assert agent <= changed, f"unchanged trained parameters: {sorted(agent - changed)[:5]}"
+    base = {n for n, _ in m.policy.base_parameters()}
+    assert not (changed & base), f"base weights changed: {sorted(changed & base)[:5]}"
+    assert m.episode == 8 and m.iteration == 1
+
+
+def test_frozen_agent_does_not_change(tmp_path):
+    m = tiny_module(agents=[AgentConfig("agent_0", "game"), AgentConfig("agent_1", "game", train=False)],
+                    opponent="llm")
+    m.configure_model()
+    before = _snapshot(m)
+    trainer(tmp_path).fit(m)
+    changed = _changed(before, m)
+    a0 = {n for n, _ in m.policy.agent_parameters("agent_0")}
+    a1 = {n for n, _ in m.policy.agent_parameters("agent_1")}
+    assert a0 <= changed
+    assert not (a1 & changed)
+
+
+def test_rewards_follow_the_agents_reward_and_tft_copies(tmp_path):
+    m = tiny_module(agents=[AgentConfig("agent_0", "game_deontological")], rounds_per_episode=3)
+    m.configure_model()
+    trainer(tmp_path).fit(m)
+    s = m.last_samples["agent_0"]
+    # TFT: the opponent's move in round r is the agent's legal move of round r-1.
+    n = 8
+    for r in range(1, 3):
+        torch.testing.assert_close(s.other_action[r * n:(r + 1) * n], s.action[(r - 1) * n:r * n])
+    # game + deontological: R_M - 3 when D after the other's C.
+    pay = torch.tensor([[3.0, 0.0], [4.0, 1.0]])[s.action, s.other_action]
+    want = pay - 3.0 * ((s.action == 1) & (s.prev_other == 0)).float()
+    torch.testing.assert_close(s.reward, want)
+
+
+def test_config_errors_name_field_and_allowed_values_before_loading(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("model loaded before validation")
+
+    monkeypatch.setattr(models, "load", boom)
+    cases = [
+        (dict(agents=[AgentConfig(reward="kindness")]), ["agents[0].reward", "deontological", "utilitarian"]),
+        (dict(opponent="grim"), ["opponent", "tft", "always_defect"]),
+        (dict(model="no-such-model"), ["model", "smollm2-135m-instruct"]),
+        (dict(game=[[1, 2], [3, 4]]), ["game", "[2, 2, 2]"]),
+        (dict(game="PD"), ["game", "IPD"]),
+        (dict(episodes_per_iteration=0), ["episodes_per_iteration", "> 0"]),
+        (dict(rounds_per_episode=-1), ["rounds_per_episode", "> 0"]),
+        (dict(lr=0.0), ["lr", "> 0"]),
+        (dict(action_mode="greedy"), ["action_mode", "constrained", "free"]),
+        (dict(actions=("act", "act")), ["actions", "differ"]),
+        (dict(actions=("action1", "action12")), ["actions", "prefix"]),
+        (dict(opponent="llm"), ["opponent", "two agents"]),
+        (dict(agents=[AgentConfig(name="alice")]), ["agents[0].name", "agent_0"]),
+    ]
+    for kwargs, needles in cases:
+        with pytest.raises(ConfigError) as e:
+            tiny_module(**kwargs)
+        msg = str(e.value)
+        assert "\n" not in msg
+        for needle in needles:
+            assert needle in msg, (kwargs, msg)
+
+
+def test_local_directory_model_spec(tmp_path, tiny_dir):
+    """A local directory (as for google/gemma-2-2b-it saved locally) loads through the same path."""
+    import shutil
+
+    local = tmp_path / "my-model"
+    shutil.copytree(tiny_dir, local)
+    m = tiny_module(model=str(local))
+    trainer(tmp_path).fit(m)
+    assert m.iteration == 1
+    with pytest.raises(ConfigError, match="config.json"):
+        tiny_module(model=str(tmp_path))
