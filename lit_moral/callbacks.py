@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
@@ -161,3 +163,63 @@ class SampleLogger(Callback):
                 rows.append(f"**prompt**\n\n```\n{prompt}\n```\n\n**answer** `{answer}` -> action "
                             f"{['C', 'D', 'illegal'][int(s.action[k])]}, reward {float(s.reward[k]):g}")
             exp.add_text(f"samples/{agent}", "\n\n---\n\n".join(rows), global_step=pl_module.episode)
+
+
+class ActionTypePlot(Callback):
+    """Every ``every_n_episodes``, log a figure of action types per episode window (paper Figures 2-3).
+
+    Keeps, per agent, the frequencies of C|C, C|D, D|C, D|D and illegal per iteration, and draws them as
+    stacked areas over episodes (one panel per agent). Its history is saved in checkpoints.
+
+    Args:
+        every_n_episodes: drawing period, in episodes.
+    """
+
+    def __init__(self, every_n_episodes: int = 500) -> None:
+        if not isinstance(every_n_episodes, int) or every_n_episodes <= 0:
+            raise ConfigError(f"ActionTypePlot.every_n_episodes: got {every_n_episodes!r}; must be a whole number > 0")
+        self.every = every_n_episodes
+        self.history: dict[str, list[list[float]]] = {}
+        self._last_drawn = 0
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "last_drawn": self._last_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {a: [list(r) for r in rows] for a, rows in state["history"].items()}
+        self._last_drawn = int(state["last_drawn"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        from lit_moral.metrics import action_type_index
+
+        for agent, s in pl_module.last_samples.items():
+            counts = torch.bincount(action_type_index(s.action, s.prev_other), minlength=6).float()
+            freq = (counts / counts.sum()).tolist()
+            self.history.setdefault(agent, []).append([float(pl_module.episode), *freq[:4], freq[4] + freq[5]])
+        if pl_module.episode - self._last_drawn >= self.every and trainer.is_global_zero:
+            self._last_drawn = pl_module.episode
+            exp = getattr(trainer.logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_figure"):
+                exp.add_figure("actions/types_over_episodes", self.figure(), global_step=pl_module.episode)
+
+    def figure(self):
+        """A matplotlib figure: stacked action-type shares per episode, one panel per agent."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        agents = sorted(self.history)
+        fig, axes = plt.subplots(1, len(agents), figsize=(6 * len(agents), 3.6), squeeze=False)
+        labels = ["C|C", "C|D", "D|C", "D|D", "illegal"]
+        colors = ["#2ca02c", "#98df8a", "#d62728", "#ff9896", "#7f7f7f"]
+        for ax, agent in zip(axes[0], agents):
+            rows = torch.tensor(self.history[agent])
+            ax.stackplot(rows[:, 0].numpy(), rows[:, 1:].T.numpy(), labels=labels, colors=colors)
+            ax.set_title(f"{agent}: action types (X|Y = played X after the other played Y)", fontsize=9)
+            ax.set_xlabel("episode")
+            ax.set_ylabel("share of rounds")
+            ax.set_ylim(0, 1)
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        fig.tight_layout()
+        return fig
