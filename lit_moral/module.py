@@ -49,6 +49,10 @@ class AgentConfig:
     train: bool = True
 
 
+# Checkpoints store these config dataclasses in their hyperparameters; allow them under weights_only loading.
+torch.serialization.add_safe_globals([AgentConfig, LoraSpec, PPOConfig])
+
+
 class _Iterations(IterableDataset):
     """Yields iteration indices; an IterableDataset so Lightning adds no distributed sampler."""
 

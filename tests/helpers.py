@@ -26,8 +26,11 @@ def tiny_module(**overrides) -> MoralPPO:
 
 
 def trainer(tmp_path, max_epochs: int = 1, **kw) -> pl.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = any(isinstance(c, ModelCheckpoint) for c in kw.get("callbacks", []))
     return pl.Trainer(default_root_dir=str(tmp_path), max_epochs=max_epochs, accelerator="cpu", devices=1,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      logger=False, enable_checkpointing=ckpt, enable_progress_bar=False,
                       enable_model_summary=False, **kw)
 
 
