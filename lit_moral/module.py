@@ -92,6 +92,8 @@ class MoralPPO(pl.LightningModule):
         prefix_levels: shared-prefix tree depth in the forward engine (0 = automatic, 1 = no prefix reuse).
         seed: seed for games, sampling and opponents (each process adds its rank).
         run_name: name used for the checkpoint folder.
+        naive: run the obvious path instead of the engine (per-sample full forwards, full-vocabulary
+            logits, no deduplication, prefix reuse or memoisation); for benchmarks and tests only.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class MoralPPO(pl.LightningModule):
         prefix_levels: int = 0,
         seed: int = 0,
         run_name: str = "run",
+        naive: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -217,7 +220,7 @@ class MoralPPO(pl.LightningModule):
         if limit is not None and need > limit:
             raise ConfigError(f"model: prompts need {need} tokens but {self.hparams.model!r} has a context of {limit}")
         self.sampler = ActionSampler(self.policy, self.renderer, self.hparams.action_mode, self.generator,
-                                     self.hparams.max_new_tokens)
+                                     self.hparams.max_new_tokens, naive=self.hparams.naive)
 
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -274,6 +277,7 @@ class MoralPPO(pl.LightningModule):
         moves = sum(len(s) for s in samples.values()) * (self.trainer.world_size if self._trainer else 1)
         logs.update({"perf/moves_per_s": moves / (t2 - t0), "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
                      "perf/episode": float(self.episode)})
+        self.last_perf = {"moves": moves, "rollout_s": t1 - t0, "update_s": t2 - t1}
         self._log_iteration(samples, logs)
 
     def _update(self, agent: str, s: AgentSamples, opt) -> dict[str, float]:
@@ -325,10 +329,12 @@ class MoralPPO(pl.LightningModule):
 
     def _score(self, agent: str, s: AgentSamples, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         table = self.renderer.token_ids
+        naive = self.hparams.naive
         if self.hparams.action_mode == "constrained":
             return self.policy.score_samples(agent, table, s.pid[idx], candidates=self.renderer.action_ids,
-                                             choice=s.choice[idx])
-        return self.policy.score_samples(agent, table, s.pid[idx], responses=[s.responses[i] for i in idx.tolist()])
+                                             choice=s.choice[idx], naive=naive)
+        return self.policy.score_samples(agent, table, s.pid[idx], responses=[s.responses[i] for i in idx.tolist()],
+                                         naive=naive)
 
     def _step(self, opt, agent: str) -> None:
         if self.ppo_cfg.max_grad_norm > 0:

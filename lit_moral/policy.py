@@ -411,6 +411,21 @@ class Policy(nn.Module):
         return {"logp": out["logp"][u], "values": out["values"][u], "entropy": out["entropy"][u],
                 "mask": out["mask"][u]}
 
+    def naive_forward(self, adapter: str, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The obvious path for one sequence: full forward, full-vocabulary log-probs at every position.
+
+        Returns:
+            ``(logp [L, V], value [L])`` (values 0 for BASE).
+        """
+        ids = torch.tensor([list(tokens)], device=self.lm_head.weight.device)
+        if adapter == BASE:
+            with self.model.disable_adapter():
+                out = self.model(input_ids=ids, output_hidden_states=True)
+            return torch.log_softmax(out.logits[0].float(), -1), torch.zeros(ids.shape[1])
+        self.activate(adapter)
+        out = self.model(input_ids=ids, output_hidden_states=True)
+        return torch.log_softmax(out.logits[0].float(), -1), self.value_heads[adapter](out.hidden_states[-1][0])
+
     def _score_naive(self, agent, prompt_table, pid, candidates, choice, responses) -> dict[str, torch.Tensor]:
         """The obvious path: per-sample full forwards, full-vocabulary logits at every position."""
         self.activate(agent)

@@ -93,6 +93,8 @@ class ActionSampler:
         generator: CPU generator for sampling.
         max_new_tokens: free-mode generation length.
         with_reference: also compute the reference (adapter-disabled) log-probs.
+        naive: the obvious path, for benchmarks: every sample on its own, one full forward per
+            sequence with full-vocabulary logits, nothing shared or memoised.
     """
 
     policy: Policy
@@ -101,6 +103,7 @@ class ActionSampler:
     generator: torch.Generator
     max_new_tokens: int = 2
     with_reference: bool = True
+    naive: bool = False
     _memo: dict = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -113,6 +116,18 @@ class ActionSampler:
         if not missing:
             return
         table = self.renderer.token_ids
+        if self.naive:
+            for a, p, pre in missing:
+                if self.mode == "constrained":
+                    seqs = [self.policy.naive_forward(a, list(table[p]) + list(c)) for c in self.renderer.action_ids]
+                    n = len(table[p])
+                    seq = torch.stack([lp[n - 1: n - 1 + len(c)].gather(-1, torch.tensor(c)[:, None]).sum()
+                                       for (lp, _), c in zip(seqs, self.renderer.action_ids)])
+                    self._memo[(a, p, pre)] = (seq.cpu(), seqs[0][1][n - 1].cpu())
+                else:
+                    lp, val = self.policy.naive_forward(a, list(table[p]) + list(pre))
+                    self._memo[(a, p, pre)] = (lp[-1].cpu(), val[-1].cpu())
+            return
         prompts = sorted({(a, p) for a, p, _ in missing})
         where = {k: i for i, k in enumerate(prompts)}
         plist = [(a, table[p]) for a, p in prompts]
@@ -133,6 +148,22 @@ class ActionSampler:
             requests: ``(agent, pid [n])`` per LLM player.
         """
         adapters = lambda a: [a, BASE] if self.with_reference else [a]  # noqa: E731
+        if self.naive:
+            out = []
+            for a, pid in requests:
+                parts = []
+                for p in pid:
+                    self._memo.clear()
+                    parts.append(self._act_batch([(a, p.view(1))], adapters)[0])
+                out.append(_Moves(torch.cat([x.action for x in parts]), torch.cat([x.choice for x in parts]),
+                                  [r for x in parts for r in x.responses], [v for x in parts for v in x.logp],
+                                  [v for x in parts for v in x.ref_logp], [v for x in parts for v in x.values],
+                                  [v for x in parts for v in x.entropy], torch.cat([x.format_mass for x in parts])))
+            self._memo.clear()
+            return out
+        return self._act_batch(requests, adapters)
+
+    def _act_batch(self, requests, adapters) -> list[_Moves]:
         if self.mode == "constrained":
             self._resolve([(x, int(p), ()) for a, pid in requests for x in adapters(a) for p in pid.unique()])
             return [self._choose(a, pid) for a, pid in requests]
