@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup quickstart test test-fast bench lint
+.PHONY: setup quickstart test test-fast bench reproduce lint
 
 setup:
 	@# torch first, pinned to the CPU build when none is installed (a bare `torch` pulls several GB of CUDA wheels);
@@ -22,7 +22,12 @@ test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PYTHON) benchmarks/throughput.py --model smollm2-135m --agents 1 --games 16 --compare-naive
+	$(PYTHON) benchmarks/throughput.py --model smollm2-135m-instruct --agents 1 --games 16 --compare-naive
+
+# Every paper condition x 3 seeds (+ paper_compat for the single-agent ones), then the evaluation suite;
+# resumable (see scripts/reproduce.py). Hours on a 2-core CPU: ~7-10 min per run.
+reproduce: setup
+	$(PYTHON) scripts/reproduce.py --paper-compat --evaluate
 
 lint:
 	$(PYTHON) -m ruff check lit_moral tests benchmarks

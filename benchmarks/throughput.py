@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
               "peak_mem_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               "update_mfu": update_mfu(args, m, fast["time_split_s"]["update"]),
-              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+              "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                         else f"cpu ({torch.get_num_threads()} threads)"),
               "model": args.model, "dtype": args.dtype,
               "setup": {"agents": args.agents, "games_per_agent": args.games, "rounds": args.rounds,
                         "ppo_epochs": args.ppo_epochs, "minibatches": args.minibatches,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
+from lit_moral.checkpoint_io import replace_dir
 from lit_moral.errors import ConfigError
 from lit_moral.opponents import OPPONENT_NAMES
 from lit_moral.rewards import RewardSpec
@@ -40,10 +40,40 @@ class AdapterExport(Callback):
         return Path(trainer.default_root_dir) / "adapters"
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        pl_module.check_finite_weights(checkpoint["state_dict"])
         if trainer.is_global_zero and pl_module.policy is not None:
-            out = self.target(trainer)
-            out.mkdir(parents=True, exist_ok=True)
-            pl_module.policy.model.save_pretrained(str(out), selected_adapters=pl_module.agent_names)
+            # Built in a temporary folder that then replaces the old export: never a half-written adapter.
+            replace_dir(lambda tmp: pl_module.policy.model.save_pretrained(tmp, selected_adapters=pl_module.agent_names),
+                        self.target(trainer))
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM (preemption), save ``last.ckpt`` after the current iteration; Lightning then exits cleanly.
+
+    Lightning notices SIGTERM and stops after the running batch without saving; this callback writes the
+    checkpoint first, into the ModelCheckpoint folder (else ``<default_root_dir>/checkpoints``), so
+    ``fit --ckpt_path <that folder>/last.ckpt`` continues the run. Added by default by ``MoralPPO``.
+
+    Args:
+        dirpath: where to write ``last.ckpt``; default: the ModelCheckpoint folder.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.saved: str | None = None
+
+    def target(self, trainer: pl.Trainer) -> Path:
+        ckpt = trainer.checkpoint_callback
+        if self.dirpath:
+            return Path(self.dirpath) / "last.ckpt"
+        if ckpt is not None and getattr(ckpt, "dirpath", None):
+            return Path(ckpt.dirpath) / "last.ckpt"
+        return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.received_sigterm and self.saved is None:
+            self.saved = str(self.target(trainer))
+            trainer.save_checkpoint(self.saved)
 
 
 def _check_points(field: str, points: list) -> list:
@@ -104,7 +134,7 @@ class RewardSchedule(_Schedule):
             if i >= 0 and self.applied.get(a) != i:
                 pl_module.set_reward(a, pts[i][1])
                 self.applied[a] = i
-                pl_module.log(f"schedule/reward_index/{a}", float(i), on_step=True, on_epoch=False)
+            pl_module.log(f"schedule/reward_index/{a}", float(max(i, 0)), on_step=True, on_epoch=False)
 
 
 class OpponentSchedule(_Schedule):
@@ -223,3 +253,70 @@ class ActionTypePlot(Callback):
         axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.tight_layout()
         return fig
+
+
+class Evaluation(Callback):
+    """Every ``every_n_episodes`` during ``fit``, run the evaluation of ``lit_moral.evaluation`` and log it.
+
+    The settings are the module's ``evaluation`` (EvalConfig); any argument here that is not None
+    replaces that field, e.g. a cheap subset (IPD only, vs Random) during training and the whole
+    suite after it with ``python -m lit_moral test``. Scalars ``eval/...`` and the plots go to
+    TensorBoard at step = episode; files to ``<log dir>/evaluation/episode_<N>/``. The evaluation
+    draws from its own seeded generators, so training's random stream is untouched.
+
+    Args:
+        every_n_episodes: period, in episodes.
+        episodes: games per cell.
+        rounds: rounds per game.
+        games: games to show, e.g. ``[IPD, ICD]``.
+        opponents: opponents, e.g. ``[random]``.
+        variants: prompt variants, e.g. ``[new_tokens]``.
+        base: also evaluate the base model.
+        write_files: write the CSV/JSON/Markdown/PNG files, not only TensorBoard.
+    """
+
+    def __init__(self, every_n_episodes: int = 500, episodes: int | None = None, rounds: int | None = None,
+                 games: list[str] | None = None, opponents: list[str] | None = None,
+                 variants: list[str] | None = None, base: bool | None = None, write_files: bool = True) -> None:
+        if not isinstance(every_n_episodes, int) or every_n_episodes <= 0:
+            raise ConfigError(f"Evaluation.every_n_episodes: got {every_n_episodes!r}; must be a whole number > 0")
+        self.every = every_n_episodes
+        self.overrides = {k: v for k, v in dict(episodes=episodes, rounds=rounds, games=games, opponents=opponents,
+                                                variants=variants, base=base).items() if v is not None}
+        self.write_files = write_files
+        self.last = 0
+
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = int(state["last"])
+
+    def config(self, pl_module):
+        """The module's EvalConfig with this callback's overrides (validated)."""
+        import dataclasses
+
+        from lit_moral.evaluation import EvalConfig
+
+        cfg = dataclasses.asdict(pl_module.eval_cfg) | self.overrides
+        for key, within in (("report_variant", "variants"), ("report_opponent", "opponents")):
+            if cfg[key] not in cfg[within]:
+                cfg[key] = None  # EvalConfig picks the paper's choice if evaluated, else the first
+        return EvalConfig(**cfg)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.config(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if pl_module.episode - self.last < self.every:
+            return
+        self.last = pl_module.episode
+        if not trainer.is_global_zero:
+            return
+        from lit_moral.evaluation import evaluate, finish, output_dir, report_meta
+
+        cfg = self.config(pl_module)
+        rows = evaluate(pl_module, cfg)
+        out = output_dir(trainer, cfg, f"episode_{pl_module.episode}") if self.write_files else None
+        exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+        finish(rows, report_meta(pl_module, cfg, runs=1), out, cfg.plots, exp, pl_module.episode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from lit_moral.games import C, D, ILLEGAL
+from lit_moral.games import ILLEGAL, C, D
 from lit_moral.rewards import deontological_regret, utilitarian_regret
 
 ACTION_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")

@@ -9,18 +9,22 @@ paper does; ``self.episode`` is saved in checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_moral import models
 from lit_moral.errors import ConfigError, check_choice, check_positive
+from lit_moral.evaluation import EvalConfig
 from lit_moral.games import MatrixGame
 from lit_moral.metrics import ACTION_TYPES, ActionTypes, CooperationRate, IllegalRate, MoralRegret
 from lit_moral.opponents import LLM_OPPONENT, OPPONENT_NAMES, Opponent, make_opponent
@@ -54,16 +58,47 @@ torch.serialization.add_safe_globals([AgentConfig, LoraSpec, PPOConfig])
 
 
 class _Iterations(IterableDataset):
-    """Yields iteration indices; an IterableDataset so Lightning adds no distributed sampler."""
+    """Yields the indices of the iterations left in this epoch; an IterableDataset so Lightning adds no sampler.
 
-    def __init__(self, n: int) -> None:
+    Args:
+        n: iterations per epoch.
+        done: returns how many iterations were played so far (the module's checkpointed counter), so an
+            epoch resumed from a mid-epoch checkpoint plays only the iterations that remain.
+    """
+
+    def __init__(self, n: int, done: Callable[[], int]) -> None:
         self.n = n
+        self.done = done
 
     def __iter__(self):
-        return iter(range(self.n))
+        return iter(range(self.done() % self.n, self.n))
 
     def __len__(self) -> int:
         return self.n
+
+
+class _IterationLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable: its position is the module's iteration counter.
+
+    The counter is saved with the module, so the loader's own state is only informative; declaring it
+    stateful tells Lightning that a mid-epoch resume continues exactly where it stopped.
+    """
+
+    def state_dict(self) -> dict:
+        return {"position": self.dataset.done() % self.dataset.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the position follows the module's restored iteration counter."""
+
+
+def _validate_lora(lora: LoraSpec) -> None:
+    """LoRA sizes are whole numbers > 0 and dropout a probability, checked before any model loads."""
+    for name in ("r", "alpha"):
+        v = getattr(lora, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"lora.{name}: got {v!r}; must be a whole number > 0")
+    if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: got {lora.dropout!r}; must be a number in [0, 1)")
 
 
 class MoralPPO(pl.LightningModule):
@@ -94,6 +129,10 @@ class MoralPPO(pl.LightningModule):
         run_name: name used for the checkpoint folder.
         naive: run the obvious path instead of the engine (per-sample full forwards, full-vocabulary
             logits, no deduplication, prefix reuse or memoisation); for benchmarks and tests only.
+        evaluation: what ``python -m lit_moral test`` and the Evaluation callback play (games, opponents,
+            prompt variants, episodes, seed, output folder); see ``lit_moral.evaluation.EvalConfig``.
+        gradient_checkpointing: recompute decoder layers in the backward pass (large models on small
+            GPUs); update forwards then run whole sequences instead of reusing the prompt prefix.
     """
 
     def __init__(
@@ -119,6 +158,8 @@ class MoralPPO(pl.LightningModule):
         seed: int = 0,
         run_name: str = "run",
         naive: bool = False,
+        evaluation: EvalConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -129,6 +170,7 @@ class MoralPPO(pl.LightningModule):
         self._validate(model, opponent, rounds_per_episode, episodes_per_iteration, iterations_per_epoch,
                        action_mode, actions, max_new_tokens, lr, prefix_levels, dtype)
         self.game = MatrixGame.from_spec(game, "game")
+        _validate_lora(lora or LoraSpec())
         self.style = PromptStyle(actions=tuple(actions))
         self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
@@ -150,6 +192,7 @@ class MoralPPO(pl.LightningModule):
         self.sampler: ActionSampler | None = None
         self.last_samples: dict[str, AgentSamples] = {}
         self.metrics = torch.nn.ModuleDict({a: self._new_metrics() for a in self.agent_names})
+        self.eval_cfg = EvalConfig(**evaluation) if isinstance(evaluation, dict) else evaluation or EvalConfig()
 
     # ---- configuration ------------------------------------------------------------------------
     def _validate(self, model, opponent, rounds, episodes, iterations, mode, actions, max_new, lr, levels,
@@ -199,7 +242,8 @@ class MoralPPO(pl.LightningModule):
         if name != LLM_OPPONENT:
             for i, a in enumerate(self.agent_names):
                 if a not in self.opponents or self.opponents[a].name != name:
-                    self.opponents[a] = make_opponent(name, seed=self.hparams.seed * 1000 + 17 * (i + 1))
+                    seed = self.hparams.seed * 1000 + 17 * (i + 1) + 7919 * self.global_rank
+                    self.opponents[a] = make_opponent(name, seed=seed)
 
     def set_reward(self, agent: str, reward: str | dict) -> None:
         """Switch an agent's reward (used by RewardSchedule); statistics and KL state carry on."""
@@ -211,9 +255,14 @@ class MoralPPO(pl.LightningModule):
         """Load the base model and build adapters and value heads (once)."""
         if self.policy is not None:
             return
-        base, self.tokenizer = models.load(self.hparams.model, self.hparams.dtype)
+        # Loading may build and initialise weights (the tiny model, the first time): keep it off torch's global
+        # RNG so the adapters' initialisation depends on the seed only, not on what the cache held.
+        with torch.random.fork_rng(devices=[]):
+            base, self.tokenizer = models.load(self.hparams.model, self.hparams.dtype)
         self.policy = Policy(base, self.agent_names, self.lora, self.hparams.value_head_dropout,
                              self.hparams.prefix_levels)
+        if self.hparams.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
         self.renderer = PromptRenderer(self.tokenizer, self.game, self.style)
         limit = getattr(base.config, "max_position_embeddings", None)
         need = self.renderer.max_prompt_len + self.hparams.max_new_tokens
@@ -225,23 +274,37 @@ class MoralPPO(pl.LightningModule):
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
         if rank:
-            # Each process plays its own games: a different stream per rank.
+            # Each process plays its own games: a different stream per rank, for sampling and opponents.
             self.generator.manual_seed(self.hparams.seed + 7919 * rank)
+            self.opponents.clear()
+            self.set_opponent(self.opponent_name)
 
     def configure_callbacks(self):
-        """Adapters are exported in peft format beside every checkpoint unless the user configured it."""
-        from lit_moral.callbacks import AdapterExport
+        """Adapters are exported in peft format beside every checkpoint, and SIGTERM saves a checkpoint,
+        unless the user configured these callbacks."""
+        from lit_moral.callbacks import AdapterExport, PreemptionCheckpoint
 
-        if self._trainer is not None and any(isinstance(c, AdapterExport) for c in self.trainer.callbacks):
-            return []
-        return [AdapterExport()]
+        have = self.trainer.callbacks if self._trainer is not None else []
+        return [cls() for cls in (AdapterExport, PreemptionCheckpoint) if not any(isinstance(c, cls) for c in have)]
 
     def configure_optimizers(self):
         return [torch.optim.Adam([p for _, p in self.policy.agent_parameters(a)], lr=self.hparams.lr)
                 for a in self.trained]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
+        # The loader's own generator: starting an epoch must not draw from torch's global RNG (dropout uses it).
+        return _IterationLoader(_Iterations(self.hparams.iterations_per_epoch, lambda: self.iteration),
+                                batch_size=None, generator=torch.Generator())
+
+    # ---- evaluation (python -m lit_moral test): the logic lives in lit_moral.evaluation ----------
+    def test_dataloader(self) -> DataLoader:
+        """One batch: the whole evaluation runs in a single ``test_step``."""
+        return DataLoader([0], batch_size=None)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        from lit_moral.evaluation import run_test
+
+        self.log_dict(run_test(self), on_step=False, on_epoch=True, batch_size=1)
 
     # ---- one PPO iteration ----------------------------------------------------------------------
     def matches(self) -> list[Match]:
@@ -262,6 +325,8 @@ class MoralPPO(pl.LightningModule):
         self.policy.eval()
         played = play(self.sampler, self.matches(), self.game, self.hparams.rounds_per_episode, self.rewards)
         samples = {a: merge(parts) for a, parts in played.items()}
+        for agent, s in samples.items():
+            self._check_finite(s.reward, "reward", agent)
         t1 = time.perf_counter()
         self.policy.train()
         logs: dict[str, float] = {}
@@ -286,7 +351,8 @@ class MoralPPO(pl.LightningModule):
         self.policy.activate(agent)
         scores = s.reward.clone()
         if cfg.normalize_rewards:
-            self.moments[agent].update(scores)
+            # Statistics over every process's games, so all processes normalise alike (as one process would).
+            self.moments[agent].update(self._gather(scores) if self._distributed() else scores)
             scores = self.moments[agent].normalize(scores)
         rewards, kl = kl_rewards(scores, s.old_logp, s.ref_logp, s.mask.float(), self.kl_ctl[agent].value)
         adv, ret = gae(rewards, s.values, s.mask.float(), cfg.gamma, cfg.lam)
@@ -302,20 +368,33 @@ class MoralPPO(pl.LightningModule):
             perm = torch.randperm(n, generator=self.generator)
             for k in range(0, n, size):
                 idx = perm[k:k + size]
-                out = self._score(agent, s, idx)
-                pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
-                loss, st = ppo_loss(pad(out["logp"]), old_logp[idx], pad(out["values"]), old_values[idx], ret[idx],
-                                    adv[idx], mask[idx], cfg, pad(out["entropy"]))
-                self._check_finite(loss, "loss", agent)
-                self.manual_backward(loss / passes if cfg.paper_compat else loss)
+                # The obvious path backpropagates sample by sample (a plain loop's gradient accumulation;
+                # holding every sample's full-vocabulary graph at once does not fit in memory). The masked
+                # means of ppo_loss are token-weighted sums, so the weighted parts add up to the same loss.
+                parts = [idx[j:j + 1] for j in range(len(idx))] if self.hparams.naive else [idx]
+                total = mask[idx].sum().clamp_min(1.0)
+                loss, st = torch.zeros((), device=dev), {}
+                for part in parts:
+                    out = self._score(agent, s, part)
+                    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+                    l_part, st_part = ppo_loss(pad(out["logp"]), old_logp[part], pad(out["values"]), old_values[part],
+                                               ret[part], adv[part], mask[part], cfg, pad(out["entropy"]))
+                    w = mask[part].sum() / total
+                    self._check_finite(l_part, "loss", agent)
+                    with self._without_ddp_reducer():
+                        self.manual_backward(w * l_part / passes if cfg.paper_compat else w * l_part)
+                    loss = loss + w * l_part.detach()
+                    st = {key: st.get(key, 0.0) + w * v for key, v in st_part.items()}
                 if not cfg.paper_compat:
                     self._step(opt, agent)
                 stats.append({**st, "total": loss.detach()})
         if cfg.paper_compat:
             # The original's effective update: one Adam step on the average of all passes' gradients.
             self._step(opt, agent)
-        mean_kl = kl.sum(1).mean().item()
-        self.kl_ctl[agent].update(mean_kl, n)
+        # The KL controller sees every process's games, so its coefficient stays identical on all processes.
+        world = self.trainer.world_size if self._distributed() else 1
+        mean_kl = (self._gather(kl.sum(1).mean()).mean() if world > 1 else kl.sum(1).mean()).item()
+        self.kl_ctl[agent].update(mean_kl, n * world)
         avg = {k: torch.stack([x[k] for x in stats]).mean().item() for k in stats[0]}
         ev = explained_variance(s.values, ret.cpu(), s.mask.float()).item()
         return {
@@ -336,7 +415,39 @@ class MoralPPO(pl.LightningModule):
         return self.policy.score_samples(agent, table, s.pid[idx], responses=[s.responses[i] for i in idx.tolist()],
                                          naive=naive)
 
+    def _without_ddp_reducer(self):
+        """Skip the DDP wrapper's gradient reducer: it expects one backward per forward over every parameter,
+        while an iteration runs many backward passes that each touch one agent. ``_average_gradients``
+        averages across processes instead."""
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+    def _distributed(self) -> bool:
+        dist = torch.distributed
+        return (self._trainer is not None and self.trainer.world_size > 1 and dist.is_available()
+                and dist.is_initialized())
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's ``x`` concatenated (flattened), on the CPU; collectives run on the module's device."""
+        return self.all_gather(x.to(self.device)).reshape(-1).cpu()
+
+    def _average_gradients(self, agent: str) -> None:
+        """Average ``agent``'s gradients over all processes (one all-reduce); a no-op in one process."""
+        if not self._distributed():
+            return
+        dist = torch.distributed
+        params = [p for _, p in self.policy.agent_parameters(agent)]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.trainer.world_size
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
     def _step(self, opt, agent: str) -> None:
+        self._average_gradients(agent)
         if self.ppo_cfg.max_grad_norm > 0:
             self.clip_gradients(opt, gradient_clip_val=self.ppo_cfg.max_grad_norm, gradient_clip_algorithm="norm")
         for name, p in self.policy.agent_parameters(agent):
@@ -347,14 +458,17 @@ class MoralPPO(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
 
     def _check_finite(self, x: torch.Tensor, what: str, agent: str) -> None:
-        if not torch.isfinite(x).all():
+        """Stop the run (every process at once) when ``x`` holds a NaN or infinity."""
+        bad = torch.tensor(float(not torch.isfinite(x).all()), device=self.device)
+        if self._distributed():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
             raise FloatingPointError(f"non-finite {what} at iteration {self.iteration}, agent {agent}; "
                                      "the last good checkpoint is kept")
 
     # ---- logging --------------------------------------------------------------------------------
     def _log_iteration(self, samples: dict[str, AgentSamples], logs: dict[str, float]) -> None:
         for agent, s in samples.items():
-            self._check_finite(s.reward, "reward", agent)
             m = self.metrics[agent]
             m["coop"](s.action)
             m["illegal"](s.action)
@@ -385,15 +499,32 @@ class MoralPPO(pl.LightningModule):
         return {"model": self.hparams.model, "agents": list(self.agent_names), "lora_r": self.lora.r,
                 "lora_target_modules": self.lora.target_modules, "action_mode": self.hparams.action_mode}
 
+    def _rng_states(self) -> list[dict]:
+        """Every process's random state in rank order: sampling generator, torch's global RNG (dropout), opponents."""
+        mine = {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                "opponents": {a: o.state_dict() for a, o in self.opponents.items()}}
+        if not self._distributed():
+            return [mine]
+        out: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(out, mine)
+        return out
+
+    def check_finite_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Refuse to save (raise FloatingPointError) when a trainable weight holds a NaN or infinity."""
+        for k, v in state_dict.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise FloatingPointError(f"refusing to write a checkpoint at iteration {self.iteration}: {k} is not "
+                                         "finite; the last good checkpoint is kept")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite_weights(checkpoint["state_dict"])
         checkpoint["lit_moral"] = {
             "fingerprint": self.fingerprint(), "episode": self.episode, "iteration": self.iteration,
             "opponent": self.opponent_name,
             "rewards": {a: {"weights": dict(r.weights), "name": r.name} for a, r in self.rewards.items()},
             "kl": {a: c.state_dict() for a, c in self.kl_ctl.items()},
             "moments": {a: m.state_dict() for a, m in self.moments.items()},
-            "generator": self.generator.get_state(),
-            "opponents": {a: o.state_dict() for a, o in self.opponents.items()},
+            "rng": self._rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -412,7 +543,12 @@ class MoralPPO(pl.LightningModule):
             self.kl_ctl[a].load_state_dict(c)
         for a, m in state["moments"].items():
             self.moments[a].load_state_dict(m)
-        self.generator.set_state(state["generator"])
-        for a, o in state["opponents"].items():
-            if a in self.opponents:
-                self.opponents[a].load_state_dict(o)
+        rng = state.get("rng", [])
+        if self.global_rank < len(rng):
+            # A process beyond the saved world size keeps the fresh stream ``setup`` seeded.
+            mine = rng[self.global_rank]
+            self.generator.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch"])
+            for a, o in mine["opponents"].items():
+                if a in self.opponents:
+                    self.opponents[a].load_state_dict(o)

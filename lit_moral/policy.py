@@ -179,6 +179,8 @@ class Policy(nn.Module):
         hidden = model.config.get_text_config().hidden_size
         self.value_heads = nn.ModuleDict({a: ValueHead(hidden, value_dropout) for a in self.agents})
         self.prefix_levels = prefix_levels
+        # Set by gradient checkpointing: update forwards run whole sequences (see _forward_flat).
+        self.flat_when_training = False
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -191,6 +193,12 @@ class Policy(nn.Module):
 
     def base_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"model.{n}", p) for n, p in self.model.named_parameters() if "lora_" not in n]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute decoder layers in the backward pass (large models); update forwards then run whole
+        sequences instead of the prefix tree, since checkpointed layers drop KV caches."""
+        self.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.flat_when_training = True
 
     def activate(self, agent: str) -> None:
         """Make ``agent`` the active adapter (peft also makes only its LoRA weights trainable)."""
@@ -255,6 +263,8 @@ class Policy(nn.Module):
         Returns:
             A :class:`TreeOutput`.
         """
+        if self.flat_when_training and self.training and torch.is_grad_enabled():
+            return self._forward_flat(prompts, conts)
         depth = self.prefix_levels or auto_levels(prompts)
         levels, leaf = build_prompt_tree(prompts, min(depth, min(len(t) for _, t in prompts)))
         levels = [lv for lv in levels if lv.tokens]
@@ -282,6 +292,37 @@ class Policy(nn.Module):
         nonempty = torch.tensor([k for k, (_, t) in enumerate(conts) if len(t) > 0], device=h.device)
         cont_h = cont_h.index_copy(0, nonempty, hc)
         cont_len = torch.tensor([len(t) for _, t in conts], device=h.device)
+        return TreeOutput(prompt_last, cont_h, cont_len)
+
+    def _forward_flat(self, prompts: Sequence[tuple[str, Sequence[int]]],
+                      conts: Sequence[tuple[int, Sequence[int]]]) -> TreeOutput:
+        """``forward_tree`` without key/value reuse: one pass over each whole (prompt + continuation).
+
+        Used for updates under gradient checkpointing, because transformers' checkpointed layers drop
+        any KV cache (``GradientCheckpointingLayer``). Deduplication and the selective vocabulary
+        projection still apply; prefix sharing does not.
+        """
+        seqs = [(prompts[i][0], list(prompts[i][1]) + list(c)) for i, c in conts]
+        first_row = {i: k for k, (i, _) in reversed(list(enumerate(conts)))}
+        alone = [i for i in range(len(prompts)) if i not in first_row]
+        for i in alone:
+            first_row[i] = len(seqs)
+            seqs.append((prompts[i][0], list(prompts[i][1])))
+        h, _, _, _ = self._run_level([t for _, t in seqs], [a for a, _ in seqs], None, None, None)
+        dev = h.device
+        plen = torch.tensor([len(t) for _, t in prompts], device=dev)
+        rows = torch.tensor([first_row[i] for i in range(len(prompts))], device=dev)
+        prompt_last = h[rows, plen - 1]
+        if not conts:
+            return TreeOutput(prompt_last, None, None)
+        cont_len = torch.tensor([len(c) for _, c in conts], device=dev)
+        t = int(cont_len.max())
+        if t == 0:
+            return TreeOutput(prompt_last, None, cont_len)
+        start = plen[torch.tensor([i for i, _ in conts], device=dev)]
+        pos = (start[:, None] + torch.arange(t, device=dev)[None]).clamp(max=h.shape[1] - 1)
+        cont_h = h[torch.arange(len(conts), device=dev)[:, None], pos]
+        cont_h = cont_h * (torch.arange(t, device=dev)[None] < cont_len[:, None])[..., None]
         return TreeOutput(prompt_last, cont_h, cont_len)
 
     def values(self, h: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_moral.errors import ConfigError, check_choice
-from lit_moral.games import C, D, ILLEGAL
+from lit_moral.games import ILLEGAL, C, D
 
 COMPONENTS = ("game", "deontological", "utilitarian")
 NAMED_REWARDS: dict[str, dict[str, float]] = {

@@ -215,7 +215,7 @@ class ActionSampler:
                     resp[j].append(tok)
                     done[j] = tok == eos
         moves = []
-        for (a, pid), (resp, lps, refs, vals, ents, _) in zip(requests, state):
+        for resp, lps, refs, vals, ents, _ in state:
             action = torch.tensor([self.renderer.parse(r) for r in resp], dtype=torch.long)
             moves.append(_Moves(action, torch.full_like(action, -1), [tuple(r) for r in resp],
                                 [torch.stack(x) for x in lps], [torch.stack(x) for x in refs],

@@ -43,3 +43,46 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
         for tag in ea.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
     return out
+
+
+class RankDump(pl.Callback):
+    """Writes, per process, the trainable weights and per-iteration local/logged cooperation to ``dirpath``.
+
+    Used by the multi-process test: ``rank<r>.pt`` holds ``state`` (the module's state_dict after training)
+    and ``coop``: one ``(agent, local C count, local rounds, logged coop rate)`` row per iteration and agent.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.rows: list[tuple[str, int, int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        for agent, s in pl_module.last_samples.items():
+            logged = float(trainer.callback_metrics[f"game/coop_rate/{agent}"])
+            self.rows.append((agent, int((s.action == 0).sum()), int(s.action.numel()), logged))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import os
+
+        import torch
+
+        os.makedirs(self.dirpath, exist_ok=True)
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        extra = {"kl_coef": {a: c.value for a, c in pl_module.kl_ctl.items()},
+                 "moments": {a: m.state_dict() for a, m in pl_module.moments.items()}}
+        torch.save({"state": state, "coop": self.rows, "world": trainer.world_size, **extra},
+                   os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
+
+
+class SigtermAt(pl.Callback):
+    """Sends SIGTERM to its own process after iteration ``iteration`` (a preemption, for the CLI test)."""
+
+    def __init__(self, iteration: int = 2) -> None:
+        self.iteration = iteration
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        import os
+        import signal
+
+        if pl_module.iteration == self.iteration:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -10,10 +10,10 @@ import torch
 from lit_moral.errors import ConfigError
 from lit_moral.games import (
     ACTION_NAMES,
-    C,
-    D,
     GAME_NAMES,
     ILLEGAL,
+    C,
+    D,
     MatrixGame,
     effective_action,
     next_prev,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.utilities.data import dim_zero_sum
 
-from lit_moral.games import C, D, ILLEGAL, MatrixGame
+from lit_moral.games import ILLEGAL, C, D, MatrixGame
 from lit_moral.metrics import (
     ACTION_TYPES,
     ActionTypes,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_moral.errors import ConfigError
-from lit_moral.games import C, D, ILLEGAL, MatrixGame
+from lit_moral.games import ILLEGAL, C, D, MatrixGame
 from lit_moral.rewards import (
     RewardSpec,
     compute_reward,

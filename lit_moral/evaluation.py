@@ -1,0 +1,396 @@
+"""Post-training evaluation across games, opponents and prompt variants (PAPER.md sections 4, 7, 8).
+
+The evaluation is the training engine without gradients: :func:`lit_moral.rollout.play` with the
+memoised :class:`~lit_moral.rollout.ActionSampler`, the player being an agent's adapter or ``BASE``
+(adapters disabled). Each *cell* ``(model, game, variant, opponent)`` plays ``episodes`` games of
+``rounds`` rounds. Rewards and regrets use the payoffs of the game actually shown (the original
+code used IPD payoffs for every game, PAPER.md section 9). The generator and the fixed opponent are
+re-seeded per cell from ``(seed + run, game, variant, opponent)``, so every model of a run sees the
+same initial states and the same Random-opponent moves.
+
+Why a dataclass argument of the module (``model.evaluation`` in YAML) and not only a callback: the
+config saved beside every checkpoint then runs ``python -m lit_moral test --config <run>/config.yaml
+--ckpt_path <ckpt>`` as it is, any field can be overridden on the command line
+(``--model.evaluation.episodes 20``), and the :class:`~lit_moral.callbacks.Evaluation` callback only
+has to say *when* to evaluate during ``fit`` (and which subset).
+
+Several checkpoints (seeds) together: ``python -m lit_moral.evaluation --config run.yaml --ckpt a.ckpt
+b.ckpt ... [--out DIR]``; run ``r`` uses seed ``seed + r`` and the summary's CIs are over runs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lit_moral.errors import ConfigError, check_choice, check_positive
+from lit_moral.games import GAME_NAMES, ILLEGAL, MatrixGame, effective_action
+from lit_moral.opponents import LLM_OPPONENT, OPPONENTS, make_opponent
+from lit_moral.policy import BASE
+from lit_moral.prompts import N_PROMPT_IDS, PERSONAS, PromptRenderer, PromptStyle
+from lit_moral.rewards import deontological_regret, utilitarian_regret
+from lit_moral.rollout import ActionSampler, Match, play
+
+# variant -> (which action strings, table order, prompt kind); "eval" strings are EvalConfig.eval_actions.
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "training_tokens": ("training", "original", "game"),
+    "new_tokens": ("eval", "original", "game"),
+    "permuted": ("eval", "permuted", "game"),
+    "reversed": ("eval", "reversed", "game"),
+    "choice": ("eval", "original", "choice"),
+    "no_payoffs": ("eval", "original", "no_payoffs"),
+    "opponent_move": ("eval", "original", "opponent_move"),
+    "explicit_ipd": ("eval", "original", "explicit_ipd"),
+    "story": ("eval", "original", "story"),
+}
+EVAL_OPPONENTS = ("random", "tft", "always_cooperate", "always_defect", LLM_OPPONENT)
+BASE_LABEL = "base"
+
+
+@dataclass
+class EvalConfig:
+    """What the evaluation plays (``python -m lit_moral test`` and the ``Evaluation`` callback).
+
+    Attributes:
+        episodes: games per cell (model, game, variant, opponent) and run (paper: 10).
+        rounds: rounds per game (paper: 5).
+        games: games whose payoff tables are shown; rewards and regrets use the same table.
+        opponents: fixed strategies, plus ``llm`` = every other agent of the run (skipped with one agent).
+        variants: prompt variants: training_tokens, new_tokens (action3/action4, the paper's evaluation),
+            permuted, reversed (payoff-table order, new tokens), choice, no_payoffs, opponent_move,
+            explicit_ipd, story (PAPER.md section 4; the last five show no payoff table).
+        eval_actions: the new action strings (C first) used by every variant except training_tokens.
+        seed: base seed; run ``r`` uses ``seed + r``.
+        xi: deontological penalty for the regret (None: the run's ``xi``; the original evaluation used 4).
+        base: also evaluate the base model (adapters disabled), side by side.
+        personas: persona-prompted base baselines (keys of ``lit_moral.prompts.PERSONAS``); they play the
+            fixed-strategy opponents only.
+        report_variant: variant of the Figure-4 tables and plots (None: new_tokens if evaluated, else the
+            first variant).
+        report_opponent: opponent of the Figure-4 tables and plots (None: random, the paper's, if evaluated,
+            else the first opponent).
+        output_dir: where files go (None: ``<log dir>/evaluation``).
+        plots: write PNG plots (and log them to TensorBoard).
+    """
+
+    episodes: int = 10
+    rounds: int = 5
+    games: list[str] = field(default_factory=lambda: list(GAME_NAMES))
+    opponents: list[str] = field(default_factory=lambda: list(EVAL_OPPONENTS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    eval_actions: tuple[str, str] = ("action3", "action4")
+    seed: int = 1234
+    xi: float | None = None
+    base: bool = True
+    personas: list[str] = field(default_factory=list)
+    report_variant: str | None = None
+    report_opponent: str | None = None
+    output_dir: str | None = None
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "rounds"):
+            v = getattr(self, name)
+            check_positive(f"evaluation.{name}", v)
+            if not isinstance(v, int):
+                raise ConfigError(f"evaluation.{name}: got {v!r}; must be a whole number > 0")
+        for name, allowed in (("games", GAME_NAMES), ("opponents", EVAL_OPPONENTS), ("variants", VARIANTS),
+                              ("personas", PERSONAS)):
+            values = getattr(self, name)
+            if isinstance(values, str) or (name != "personas" and not values):
+                raise ConfigError(f"evaluation.{name}: expected a non-empty list; got {values!r}")
+            for v in values:
+                check_choice(f"evaluation.{name}", v, allowed)
+        if self.report_variant is None:
+            self.report_variant = "new_tokens" if "new_tokens" in self.variants else self.variants[0]
+        if self.report_opponent is None:
+            self.report_opponent = "random" if "random" in self.opponents else self.opponents[0]
+        check_choice("evaluation.report_variant", self.report_variant, self.variants)
+        check_choice("evaluation.report_opponent", self.report_opponent, self.opponents)
+        PromptStyle(actions=tuple(self.eval_actions))
+
+
+torch.serialization.add_safe_globals([EvalConfig])
+
+
+class _EvalSampler(ActionSampler):
+    """An ActionSampler whose memo survives ``play``'s reset: the weights do not change during an evaluation,
+    so one (game, variant) prompt table is run once per model for all opponents."""
+
+    def reset(self) -> None:
+        return None
+
+    def warm(self, players: Sequence[str]) -> None:
+        """Run every prompt of the table for every player (not yet run) in one mixed-adapter forward."""
+        self._resolve([(a, p, ()) for a in players for p in range(N_PROMPT_IDS)])
+
+
+def cell_seed(seed: int, *parts: str) -> int:
+    """A stable seed for one cell (independent of the model, so all models see the same states)."""
+    return (seed * 1_000_003 + zlib.crc32("|".join(parts).encode())) % (2**62)
+
+
+def models_of(module, cfg: EvalConfig) -> list[tuple[str, str, str]]:
+    """``(label, player, persona)``: every agent, then the base model and its persona baselines."""
+    out = [(a, a, "") for a in module.agent_names]
+    if cfg.base:
+        out.append((BASE_LABEL, BASE, ""))
+        out += [(f"{BASE_LABEL}+{p}", BASE, p) for p in cfg.personas]
+    return out
+
+
+def _by_persona(module, cfg: EvalConfig) -> dict[str, list[tuple[str, str]]]:
+    """persona -> ``(label, player)`` of the models sharing that prompt table."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for label, player, persona in models_of(module, cfg):
+        out.setdefault(persona, []).append((label, player))
+    return out
+
+
+def opponents_of(module, cfg: EvalConfig, player: str, persona: str) -> list[str]:
+    """Opponent names for one model: fixed strategies, and the other agents for ``llm`` (not with personas)."""
+    out = [o for o in cfg.opponents if o in OPPONENTS]
+    if LLM_OPPONENT in cfg.opponents and not persona:
+        out += [a for a in module.agent_names if a != player]
+    return out
+
+
+def style_for(module, cfg: EvalConfig, variant: str, persona: str = "") -> PromptStyle:
+    """The PromptStyle of one variant: training or evaluation action strings, table order, prompt kind."""
+    tokens, order, kind = VARIANTS[variant]
+    actions = tuple(module.style.actions) if tokens == "training" else tuple(cfg.eval_actions)
+    return PromptStyle(actions=actions, table_order=order, use_chat_template=module.style.use_chat_template,
+                       kind=kind, persona=persona)
+
+
+@torch.no_grad()
+def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
+    """Play every cell for one run (one checkpoint's weights, already loaded into ``module``).
+
+    Args:
+        module: a MoralPPO with its policy built (``configure_model``).
+        cfg: the evaluation settings.
+        run: run index (checkpoint / seed number); the run's seed is ``cfg.seed + run``.
+
+    Returns:
+        One dict per round with the columns of ``rounds.csv`` (:data:`lit_moral.report.ROUND_COLUMNS`).
+    """
+    policy, was_training = module.policy, module.policy.training
+    policy.eval()
+    seed, rows, samplers = cfg.seed + run, [], {}
+    try:
+        for game_name in cfg.games:
+            game = MatrixGame.from_spec(game_name)
+            for variant in cfg.variants:
+                for persona, models in _by_persona(module, cfg).items():
+                    renderer = PromptRenderer(module.tokenizer, game, style_for(module, cfg, variant, persona))
+                    # Prompts without a payoff table are the same in every game: run them once per run.
+                    sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
+                        policy, renderer, module.hparams.action_mode, torch.Generator(),
+                        module.hparams.max_new_tokens, with_reference=False))
+                    sampler.warm(sorted({p for _, p in models} | ({*module.agent_names} if not persona else set())))
+                    for label, player in models:
+                        for opp in opponents_of(module, cfg, player, persona):
+                            rows += _play_cell(module, cfg, sampler, game, (label, player, variant, opp), seed, run)
+    finally:
+        policy.train(was_training)
+    return rows
+
+
+def _play_cell(module, cfg: EvalConfig, sampler: ActionSampler, game: MatrixGame, cell: tuple[str, str, str, str],
+               seed: int, run: int) -> list[dict]:
+    label, player, variant, opp = cell
+    s = cell_seed(seed, game.name, variant, opp)
+    sampler.generator.manual_seed(s)
+    other = opp if opp in module.agent_names else make_opponent(opp, seed=s)
+    first = module.rewards[module.agent_names[0]]
+    rewards = {BASE: first, **module.rewards}
+    samples = play(sampler, [Match((player, other), cfg.episodes)], game, cfg.rounds, rewards)[player][0]
+    xi = module.hparams.xi if cfg.xi is None else cfg.xi
+    return round_rows(samples, game, rewards[player], xi, sampler.renderer,
+                      dict(run=run, seed=seed, model=label, game=game.name, variant=variant, opponent=opp))
+
+
+def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, fixed: dict) -> list[dict]:
+    """Per-round dicts from one player's AgentSamples ``s`` (``[N]`` tensors) in ``game``.
+
+    Rewards are the ones ``play`` computed with the run's reward spec; the regrets use ``xi`` and the
+    spec's illegal penalty (PAPER.md section 7).
+
+    ``payoff_me`` is empty for an illegal answer (the player gets the illegal penalty instead);
+    ``payoff_other`` counts the illegal answer as the player's last legal move (PAPER.md section 3).
+    """
+    names = ("C", "D", "illegal")
+    legal = s.action != ILLEGAL
+    mine = effective_action(s.action, s.prev_me)
+    pay = game.payoffs[mine, s.other_action]
+    deon = deontological_regret(s.action, s.prev_other, xi, spec.illegal_penalty)
+    util = utilitarian_regret(s.action, s.other_action, game.payoffs, spec.illegal_penalty)
+    decoded: dict[tuple, str] = {}
+    cols = dict(episode=s.episode.tolist(), round=s.round.tolist(), prev_me=s.prev_me.tolist(),
+                prev_other=s.prev_other.tolist(), action=s.action.tolist(), other_action=s.other_action.tolist(),
+                legal=legal.tolist(), payoff_me=pay[:, 0].tolist(), payoff_other=pay[:, 1].tolist(),
+                reward=s.reward.tolist(), regret_deontological=deon.tolist(), regret_utilitarian=util.tolist(),
+                **{f"reward_{k}": v.tolist() for k, v in s.components.items()})
+    rows = []
+    for i, resp in enumerate(s.responses):
+        if resp not in decoded:
+            decoded[resp] = renderer.tokenizer.decode(list(resp), skip_special_tokens=True).strip()
+        row = {**fixed, **{k: v[i] for k, v in cols.items()}, "answer": decoded[resp]}
+        for k in ("prev_me", "prev_other", "action", "other_action"):
+            row[k] = names[row[k]]
+        row["legal"] = int(row["legal"])
+        row["payoff_me"] = row["payoff_me"] if row["legal"] else ""
+        rows.append(row)
+    return rows
+
+
+def report_meta(module, cfg: EvalConfig, runs: int, checkpoints: Sequence[str] = ()) -> dict:
+    """Metadata for ``summary.json`` and ``report.md``."""
+    opps = list(dict.fromkeys(o for label, player, persona in models_of(module, cfg)
+                              for o in opponents_of(module, cfg, player, persona)))
+    return {"models": [m for m, _, _ in models_of(module, cfg)], "games": list(cfg.games),
+            "variants": list(cfg.variants), "opponents": opps, "report_variant": cfg.report_variant,
+            "report_opponent": cfg.report_opponent, "runs": runs, "episodes": cfg.episodes, "rounds": cfg.rounds,
+            "seed": cfg.seed, "xi": float(module.hparams.xi if cfg.xi is None else cfg.xi),
+            "checkpoints": [str(c) for c in checkpoints], "config": asdict(cfg)}
+
+
+
+def output_dir(trainer, cfg: EvalConfig, sub: str = "") -> Path:
+    """``cfg.output_dir``, else ``<trainer log dir>/evaluation[/sub]`` (the test run's own version folder)."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir) / sub if sub else Path(cfg.output_dir)
+    root = Path(trainer.log_dir or trainer.default_root_dir) if trainer is not None else Path("evaluation")
+    return root / "evaluation" / sub if sub else root / "evaluation"
+
+
+def finish(rows: list[dict], meta: dict, out: Path | None, plots: bool, experiment=None,
+           step: int = 0) -> dict[str, float]:
+    """Aggregate, write every output file (unless ``out`` is None) and log scalars and figures to
+    ``experiment`` (a SummaryWriter).
+
+    Returns:
+        The TensorBoard scalars (``eval/<metric>/<model>[/<game>/<opponent>]``).
+    """
+    from lit_moral.plots import figures
+    from lit_moral.report import summarize, tensorboard_scalars, write_outputs
+
+    summary = summarize(rows)
+    if out is not None:
+        figs = write_outputs(out, rows, summary, meta, plots)
+    else:
+        figs = figures(summary, meta) if plots and experiment is not None else {}
+    scalars = tensorboard_scalars(summary, meta)
+    if experiment is not None and hasattr(experiment, "add_scalar"):
+        for k, v in scalars.items():
+            experiment.add_scalar(k, v, global_step=step)
+        for name, fig in figs.items():
+            experiment.add_figure(f"eval/{name.removesuffix('.png')}", fig, global_step=step, close=False)
+    if figs:
+        import matplotlib.pyplot as plt
+
+        for fig in figs.values():
+            plt.close(fig)
+    return scalars
+
+
+def run_test(module) -> dict[str, float]:
+    """The whole evaluation for ``python -m lit_moral test`` (called from ``MoralPPO.test_step``).
+
+    Returns:
+        Scalars averaged over games per model (``eval/<metric>/<model>``), for ``self.log``.
+    """
+    trainer, cfg = module.trainer, module.eval_cfg
+    rows = evaluate(module, cfg)
+    ckpts = [str(trainer.ckpt_path)] if trainer.ckpt_path else []
+    meta = report_meta(module, cfg, runs=1, checkpoints=ckpts)
+    exp = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
+    scalars = finish(rows, meta, output_dir(trainer, cfg), cfg.plots, exp, module.episode)
+    return {k: v for k, v in scalars.items() if k.count("/") == 2}
+
+
+def load_weights(module, path: str) -> None:
+    """Load a lit_moral checkpoint's adapters, value heads and counters into a configured module."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(state)
+    result = module.load_state_dict(state["state_dict"], strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"ckpt: {path} has weights this run does not: {result.unexpected_keys[:3]} ...")
+
+
+def _model_config(config: str) -> str:
+    """The run config without the subcommand-only keys that a config saved by ``fit`` carries
+    (``ckpt_path``, ``weights_only``), as a YAML string for the parser without subcommands."""
+    import yaml
+
+    data = yaml.safe_load(Path(config).read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {config} is not a YAML mapping")
+    for key in ("ckpt_path", "weights_only"):
+        data.pop(key, None)
+    return yaml.safe_dump(data)
+
+
+def evaluate_checkpoints(config: str, ckpts: Sequence[str], out: str | None = None, overrides: Sequence[str] = (),
+                         device: str = "cpu") -> list[dict]:
+    """Evaluate several checkpoints (seeds) of one run config together; CIs over runs (PAPER.md section 7).
+
+    Args:
+        config: the run's YAML (e.g. the ``config.yaml`` saved beside its checkpoints).
+        ckpts: checkpoint files; checkpoint ``r`` is run ``r`` (seed ``evaluation.seed + r``).
+        out: output folder (default: ``evaluation/`` beside the first checkpoint's folder).
+        overrides: extra LightningCLI arguments, e.g. ``["--model.evaluation.episodes", "20"]``.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        The summary rows.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lit_moral.cli import cli_main
+
+    missing = [c for c in ckpts if not Path(c).is_file()]
+    if missing:
+        raise ConfigError(f"ckpt: no such file(s): {missing}")
+    module = cli_main(["--config", _model_config(config), *overrides], run=False).model
+    module.configure_model()
+    module.to(device)
+    cfg = module.eval_cfg
+    target = Path(out or cfg.output_dir or Path(ckpts[0]).resolve().parent.parent / "evaluation")
+    rows = []
+    for r, ckpt in enumerate(ckpts):
+        load_weights(module, ckpt)
+        rows += evaluate(module, cfg, run=r)
+    writer = SummaryWriter(str(target / "tensorboard"))
+    finish(rows, report_meta(module, cfg, runs=len(ckpts), checkpoints=ckpts), target, cfg.plots, writer)
+    writer.close()
+    from lit_moral.report import read_csv
+
+    return read_csv(target / "summary.csv")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lit_moral.evaluation --config run.yaml --ckpt a.ckpt b.ckpt [--out DIR] [--device cuda]``;
+    other arguments go to the run's LightningCLI parser (``--model.evaluation.episodes 20``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lit_moral.evaluation", description=main.__doc__)
+    ap.add_argument("--config", required=True, help="the run's YAML config")
+    ap.add_argument("--ckpt", nargs="+", required=True, help="one checkpoint per run (seed)")
+    ap.add_argument("--out", default=None, help="output folder (default: <run>/evaluation)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    args, rest = ap.parse_known_args(argv)
+    evaluate_checkpoints(args.config, args.ckpt, args.out, rest, args.device)
+
+
+__all__ = ["BASE_LABEL", "EVAL_OPPONENTS", "VARIANTS", "EvalConfig", "cell_seed", "evaluate", "models_of",
+           "evaluate_checkpoints", "load_weights", "main", "opponents_of", "report_meta", "round_rows", "run_test"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Evaluation figures (matplotlib, Agg): action types per game and opponent, regret bars, prompt variants.
+
+Each function takes summary rows from :func:`lit_moral.report.summarize` and the report metadata
+(``models``, ``games``, ``opponents``, ``variants``, ``report_variant``, ``report_opponent``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TYPES = (("C|C", "#2ca02c"), ("C|D", "#98df8a"), ("D|C", "#d62728"), ("D|D", "#ff9896"), ("illegal", "#7f7f7f"))
+ANSWERS = (("cooperation", "C", "#2ca02c"), ("defection", "D", "#d62728"), ("illegal", "other", "#7f7f7f"))
+MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _index(summary: Sequence[dict]) -> dict[tuple, dict]:
+    return {(r["model"], r["game"], r["variant"], r["opponent"]): r for r in summary}
+
+
+def action_types_figure(summary: Sequence[dict], meta: dict):
+    """Stacked action-type shares: one panel per (model, opponent), one bar per game."""
+    idx, v = _index(summary), meta["report_variant"]
+    models, games = meta["models"], meta["games"]
+    opps = [o for o in meta["opponents"] if any(k[3] == o and k[2] == v for k in idx)]
+    fig, axes = plt.subplots(len(models), len(opps), figsize=(2.9 * len(opps) + 1.6, 2.6 * len(models) + 0.6),
+                             squeeze=False, sharey=True)
+    for i, m in enumerate(models):
+        for j, o in enumerate(opps):
+            ax, bottom = axes[i][j], [0.0] * len(games)
+            for t, color in TYPES:  # "illegal" is illegal|C + illegal|D
+                vals = [idx[(m, g, v, o)][f"{t}_mean"] if (m, g, v, o) in idx else 0.0 for g in games]
+                ax.bar(games, vals, bottom=bottom, color=color, label=t, width=0.7)
+                bottom = [b + x for b, x in zip(bottom, vals)]
+            if not any((m, g, v, o) in idx for g in games):
+                ax.text(0.5, 0.5, "not evaluated\n(no such match)", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{m} vs {o}", fontsize=10)
+            ax.tick_params(axis="x", labelsize=8)
+            if j == 0:
+                ax.set_ylabel("share of rounds")
+            if i == len(models) - 1:
+                ax.set_xlabel("game")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9,
+               title="action | opponent's\nprevious action", title_fontsize=8)
+    fig.suptitle(f"Action types per game and opponent (prompt variant: {v})", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def regret_figure(summary: Sequence[dict], meta: dict):
+    """Grouped bars of deontological and utilitarian regret per game, one bar per model, 95% CI error bars."""
+    idx, v, o = _index(summary), meta["report_variant"], meta["report_opponent"]
+    models, games = meta["models"], meta["games"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(len(models), 1)
+    panels = (("regret_deontological", "deontological regret (0 best, 6 worst)", 6.0),
+              ("regret_utilitarian", "utilitarian regret (0 best, 1 worst)", 1.0))
+    for ax, (metric, label, top) in zip(axes, panels):
+        for k, m in enumerate(models):
+            rows = [idx.get((m, g, v, o)) for g in games]
+            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(games))]
+            ax.bar(xs, [r[f"{metric}_mean"] if r else 0.0 for r in rows], width,
+                   yerr=[r[f"{metric}_ci"] if r else 0.0 for r in rows], capsize=3, label=m,
+                   color=MODEL_COLORS[k % len(MODEL_COLORS)])
+        ax.set_xticks(range(len(games)), games)
+        ax.set_xlabel("game")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, top * 1.05)
+    axes[1].legend(title="model", fontsize=9, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"Moral regret per game, model vs base (opponent: {o}, prompt variant: {v}; "
+                 "error bars: 95% CI)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def variants_figure(summary: Sequence[dict], meta: dict):
+    """Share of C / D / other answers per prompt variant (mean over games), one panel per model."""
+    o, models, variants = meta["report_opponent"], meta["models"], meta["variants"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 1.4, 4.0), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], models):
+        bottom = [0.0] * len(variants)
+        for key, label, color in ANSWERS:
+            vals = []
+            for var in variants:
+                rs = [r[f"{key}_mean"] for r in summary if (r["model"], r["variant"], r["opponent"]) == (m, var, o)]
+                vals.append(sum(rs) / len(rs) if rs else 0.0)
+            ax.bar(variants, vals, bottom=bottom, color=color, label=label, width=0.7)
+            bottom = [b + x for b, x in zip(bottom, vals)]
+        ax.set_title(m, fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("prompt variant")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        for lbl in ax.get_xticklabels():
+            lbl.set_horizontalalignment("right")
+    axes[0][0].set_ylabel("share of answers")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="answer", fontsize=9)
+    fig.suptitle(f"Answers per prompt variant (opponent: {o}; mean over games)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def figures(summary: Sequence[dict], meta: dict) -> dict[str, object]:
+    """File name -> figure for the three evaluation plots."""
+    return {"action_types.png": action_types_figure(summary, meta), "regret.png": regret_figure(summary, meta),
+            "variants.png": variants_figure(summary, meta)}

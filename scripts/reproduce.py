@@ -1,0 +1,171 @@
+"""Re-run the paper's conditions with lit_moral, several seeds each, and collect what docs/results.md reports.
+
+    python scripts/reproduce.py                         # every condition, seeds 0 1 2, CPU profile
+    python scripts/reproduce.py --conditions game deontological --seeds 0 --dry-run
+
+Every condition is one of the ``configs/paper_*.yaml`` files (the paper's protocol: 1000 episodes, 5
+rounds vs TFT, 3 rounds with two learners, unlearning switch at episode 500), run through the real
+CLI. The ``fast`` profile (default) keeps the protocol (episodes, rounds, rewards, schedules) and
+changes how the updates are made, because SmolLM2-135M cannot learn the answer format in free mode
+within 1000 episodes (it puts ~0.04% probability on the legal strings):
+constrained action choice, 100 games per PPO iteration (10 iterations of 4 PPO epochs), Adam lr
+2e-4, LoRA r8, fixed KL coefficient 0.05. ``--profile paper`` runs the configs unchanged.
+``--paper-compat`` adds a run of the four single-agent conditions with the original's update rule.
+
+Each run writes ``<out>/<condition>_seed<k>/`` (TensorBoard events, checkpoint, peft adapters); the
+script appends one JSON line per run to ``<out>/runs.jsonl`` (condition, seed, wall time, final
+training action-type frequencies, checkpoint path). A run already listed there is skipped, so an
+interrupted reproduction resumes where it stopped. ``--evaluate`` then runs the evaluation suite on
+each condition's checkpoints together (``<out>/<condition>_evaluation/``: report.md, summary.json,
+plots; CIs over seeds), and ``--figure F.png`` draws the training action types of every listed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SINGLE = ["game", "deontological", "utilitarian", "game_deontological"]
+CONDITIONS = {
+    **{c: f"paper_{c}.yaml" for c in SINGLE},
+    **{f"llm_vs_llm_{c}": f"paper_llm_vs_llm_{c}.yaml" for c in SINGLE},
+    **{f"unlearning_{r}_vs_{o}": f"paper_unlearning_{r}_vs_{o}.yaml"
+       for r in ("deontological", "utilitarian") for o in ("tft", "llm")},
+}
+FAST = ["--model.action_mode", "constrained", "--model.episodes_per_iteration", "100",
+        "--model.iterations_per_epoch", "5", "--trainer.max_epochs", "2", "--model.lr", "2e-4",
+        "--model.lora.r", "8", "--model.lora.alpha", "16", "--model.lora.dropout", "0.0",
+        "--model.value_head_dropout", "0.0", "--model.ppo.kl_penalty", "fixed", "--model.ppo.init_kl_coef", "0.05"]
+ACTION_TYPES = ["C|C", "C|D", "D|C", "D|D", "illegal"]
+
+
+def final_actions(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Per agent, the action-type frequencies of the last training iteration (from TensorBoard)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[str, float]] = {}
+    for f in sorted(glob.glob(f"{run_dir}/**/events.out.tfevents*", recursive=True)):
+        ea = EventAccumulator(f)
+        ea.Reload()
+        for tag in ea.Tags()["scalars"]:
+            parts = tag.split("/")
+            if len(parts) == 3 and parts[0] == "actions" and parts[1] in ACTION_TYPES:
+                out.setdefault(parts[2], {})[parts[1]] = ea.Scalars(tag)[-1].value
+    return out
+
+
+def training_figure(records: list[dict], out: Path) -> Path:
+    """One panel per run: the share of each action type per iteration over training episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    colors = ["#2ca02c", "#98df8a", "#d62728", "#ff9896", "#7f7f7f"]
+    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.4), squeeze=False)
+    for ax, rec in zip(axes[0], records):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for f in sorted(glob.glob(f"{Path(rec['checkpoint']).parents[1]}/events.out.tfevents*")):
+            ea = EventAccumulator(f)
+            ea.Reload()
+            for t in ACTION_TYPES[:4]:
+                tag = f"actions/{t}/agent_0"
+                if tag in ea.Tags()["scalars"]:
+                    series[t] = [(e.step, e.value) for e in ea.Scalars(tag)]
+        steps = [s for s, _ in series["C|C"]]
+        shares = [[v for _, v in series[t]] for t in ACTION_TYPES[:4]]
+        illegal = [max(0.0, 1 - sum(col)) for col in zip(*shares)]
+        ax.stackplot(steps, *shares, illegal, labels=ACTION_TYPES, colors=colors)
+        ax.set_title(f"{rec['condition']} (seed {rec['seed']}), agent_0", fontsize=9)
+        ax.set_xlabel("episode")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("share of rounds")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def run_one(cond: str, seed: int, args) -> dict:
+    name = f"{cond}{'_compat' if args.compat_run else ''}_seed{seed}"
+    cmd = [sys.executable, "-m", "lit_moral", "fit", "--config", str(ROOT / "configs" / CONDITIONS[cond]),
+           "--seed_everything", str(seed), "--model.seed", str(seed), "--model.run_name", name,
+           "--trainer.logger.init_args.save_dir", str(args.out), "--model.model", args.model]
+    cmd += FAST if args.profile == "fast" else []
+    cmd += ["--model.ppo.paper_compat", "true"] if args.compat_run else []
+    print("+", " ".join(cmd), flush=True)
+    if args.dry_run:
+        return {}
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.time() - t0
+    run_dir = args.out / name
+    ckpts = sorted(glob.glob(f"{run_dir}/**/last.ckpt", recursive=True))
+    return {"condition": cond, "seed": seed, "paper_compat": args.compat_run, "profile": args.profile,
+            "model": args.model, "wall_s": round(wall, 1), "final_actions": final_actions(run_dir),
+            "checkpoint": ckpts[-1] if ckpts else None, "name": name}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--profile", choices=("fast", "paper"), default="fast")
+    ap.add_argument("--paper-compat", action="store_true", help="also run the single-agent conditions with paper_compat")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "reproduce")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--evaluate", action="store_true", help="then run the evaluation suite per condition")
+    ap.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[],
+                    help="passed to python -m lit_moral.evaluation, e.g. --model.evaluation.variants '[new_tokens]'")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="only draw the training action types of the runs in runs.jsonl into this PNG")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    if args.figure:
+        print(training_figure([json.loads(x) for x in log.read_text().splitlines()], args.figure))
+        return
+    done = {(r["condition"], r["seed"], r["paper_compat"]) for r in map(json.loads, log.read_text().splitlines())} \
+        if log.exists() else set()
+    jobs = [(c, s, False) for c in args.conditions for s in args.seeds]
+    jobs += [(c, s, True) for c in args.conditions if c in SINGLE for s in args.seeds] if args.paper_compat else []
+    for cond, seed, compat in jobs:
+        if (cond, seed, compat) in done:
+            continue
+        args.compat_run = compat
+        rec = run_one(cond, seed, args)
+        if rec:
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+    if args.evaluate and not args.dry_run:
+        evaluate(log, args)
+
+
+def evaluate(log: Path, args) -> None:
+    """The evaluation suite on every condition's checkpoints together (CIs over seeds), base model beside."""
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    groups: dict[tuple[str, bool], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["condition"], r["paper_compat"]), []).append(r)
+    for (cond, compat), recs in groups.items():
+        out = args.out / f"{cond}{'_compat' if compat else ''}_evaluation"
+        if (out / "summary.json").exists():
+            continue
+        config = Path(recs[0]["checkpoint"]).parents[1] / "config.yaml"
+        cmd = [sys.executable, "-m", "lit_moral.evaluation", "--config", str(config), "--out", str(out),
+               "--ckpt", *[r["checkpoint"] for r in recs], *args.eval_args]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()
