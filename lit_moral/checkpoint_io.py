@@ -9,6 +9,7 @@ truncated or corrupt file raises a ConfigError naming ``ckpt_path`` instead of a
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import suppress
@@ -83,7 +84,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ConfigError(f"ckpt_path: {str(path)!r} does not exist or is not a file")
         try:
             state = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, ImportError) as e:
+        except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, ImportError,
+                pickle.UnpicklingError) as e:
             # torch.load's errors on damaged files (zip or pickle) are long and technical; keep their first line.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"ckpt_path: {str(path)!r} is not a readable checkpoint (truncated or corrupt?): "

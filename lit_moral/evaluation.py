@@ -152,9 +152,12 @@ def _by_persona(module, cfg: EvalConfig) -> dict[str, list[tuple[str, str]]]:
 
 
 def opponents_of(module, cfg: EvalConfig, player: str, persona: str) -> list[str]:
-    """Opponent names for one model: fixed strategies, and the other agents for ``llm`` (not with personas)."""
+    """Opponent names for one model: fixed strategies, and the other agents for ``llm`` (not with personas).
+
+    ``llm`` needs two agents or more: then each agent meets the others and the base model meets every agent
+    (the same LLM opponents its fine-tuned counterparts met); with one agent it is skipped, as documented."""
     out = [o for o in cfg.opponents if o in OPPONENTS]
-    if LLM_OPPONENT in cfg.opponents and not persona:
+    if LLM_OPPONENT in cfg.opponents and not persona and len(module.agent_names) > 1:
         out += [a for a in module.agent_names if a != player]
     return out
 

@@ -113,7 +113,7 @@ def test_same_seed_reproduces_and_other_seed_differs(tmp_path):
 def _first_run(tmp_path, **kw):
     """One epoch (one iteration) with ``last.ckpt`` under ``tmp_path/ckpt``; returns (module, trainer, path)."""
     m = tiny_module(**kw)
-    t = trainer(tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    t = trainer(tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)],
                 plugins=[AtomicCheckpointIO()])
     t.fit(m)
     return m, t, tmp_path / "ckpt" / "last.ckpt"
