@@ -22,7 +22,12 @@ def _changed(before, module):
 
 @pytest.mark.parametrize("mode", ["constrained", "free"])
 def test_one_iteration_moves_every_trained_parameter_and_no_base_weight(tmp_path, mode):
-    m = tiny_module(action_mode=mode)
+    # The untrained tiny model answers illegally nearly always in free mode; with reward normalisation a
+    # constant -6 becomes 0 everywhere and (correctly) no gradient. Unnormalised, the value loss and the
+    # advantages are non-zero whatever was sampled, so every trained tensor must move.
+    from lit_moral.ppo import PPOConfig
+
+    m = tiny_module(action_mode=mode, ppo=PPOConfig(ppo_epochs=2, normalize_rewards=(mode == "constrained")))
     m.configure_model()
     before = _snapshot(m)
     trainer(tmp_path).fit(m)

@@ -110,9 +110,11 @@ def test_score_samples_equals_naive_with_gradients(tiny, mode, checkpointing):
     for k in ("logp", "values", "entropy", "mask"):
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lf, ls, rtol=1e-5, atol=1e-5)
-    for a, b in zip(gf, gs):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # The criterion: 1e-5 relative, for each gradient tensor as a whole (norm of the difference).
+    # Element by element, fp32 sums in another order differ by up to ~5e-5 on near-zero entries, depending on
+    # the thread count, so the per-element check only bounds gross errors.
+    for a, b in zip(gf, gs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     rel = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(gf, gs))
     assert rel <= 1e-5, rel
 
