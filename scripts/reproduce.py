@@ -43,6 +43,10 @@ FAST = ["--model.action_mode", "constrained", "--model.episodes_per_iteration", 
         "--model.lora.r", "8", "--model.lora.alpha", "16", "--model.lora.dropout", "0.0",
         "--model.value_head_dropout", "0.0", "--model.ppo.kl_penalty", "fixed", "--model.ppo.init_kl_coef", "0.05"]
 ACTION_TYPES = ["C|C", "C|D", "D|C", "D|D", "illegal"]
+# docs/results.md's evaluation: the paper's (new tokens vs Random, 10 x 5, the original's xi = 4 in the
+# deontological regret) plus the training tokens and TFT, which are cheap in constrained mode.
+EVAL = ["--model.evaluation.variants", "[new_tokens, training_tokens]", "--model.evaluation.opponents",
+        "[random, tft]", "--model.evaluation.xi", "4"]
 
 
 def final_actions(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -124,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "reproduce")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--evaluate", action="store_true", help="then run the evaluation suite per condition")
-    ap.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[],
-                    help="passed to python -m lit_moral.evaluation, e.g. --model.evaluation.variants '[new_tokens]'")
+    ap.add_argument("--eval-args", nargs=argparse.REMAINDER, default=EVAL,
+                    help="passed to python -m lit_moral.evaluation (default: %(default)s)")
     ap.add_argument("--figure", type=Path, default=None,
                     help="only draw the training action types of the runs in runs.jsonl into this PNG")
     args = ap.parse_args(argv)
