@@ -98,6 +98,58 @@ def training_figure(records: list[dict], out: Path) -> Path:
     return out
 
 
+# PAPER.md section 8 (read off the paper's Figure 4): regrets vs Random with new tokens, trained vs TFT.
+PAPER_GAMES = ["IPD", "ISH", "ICN", "BOS", "ICD"]
+PAPER_DEON = {"base": [5.8, 5.8, 5.7, 5.8, 5.8], "game": [1.70, 1.65, 1.65, 1.65, 1.65],
+              "deontological": [0.10, 0.10, 0.10, 0.05, 0.10], "utilitarian": [0.05] * 5,
+              "game_deontological": [0.40, 0.40, 0.40, 0.25, 0.15],
+              "unlearning_deontological_vs_tft": [0.35, 0.45, 0.45, 0.35, 0.40],
+              "unlearning_utilitarian_vs_tft": [0.95, 0.90, 0.95, 0.90, 0.95]}
+PAPER_UTIL = {"base": [0.97, 0.97, 0.96, 0.97, 0.98], "game": [0.24, 0.38, 0.24, 0.18, 0.24],
+              "deontological": [0.13, 0.26, 0.09, 0.24, 0.42], "utilitarian": [0.09, 0.20, 0.03, 0.25, 0.5],
+              "game_deontological": [0.18, 0.32, 0.16, 0.23, 0.38],
+              "unlearning_deontological_vs_tft": [0.14, 0.28, 0.13, 0.23, 0.40],
+              "unlearning_utilitarian_vs_tft": [0.18, 0.29, 0.16, 0.22, 0.36]}
+
+
+def markdown_tables(out: Path, variant: str = "new_tokens", opponent: str = "random") -> str:
+    """The tables of docs/results.md from ``runs.jsonl`` and every ``*_evaluation/summary.json``."""
+    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    lines = ["### Training: action types of the last iteration (episodes 901-1000), per agent", "",
+             "| condition | seed | agent | " + " | ".join(ACTION_TYPES) + " | wall (min) |",
+             "|---" * (len(ACTION_TYPES) + 4) + "|"]
+    for r in records:
+        name = r["condition"] + (" (paper_compat)" if r["paper_compat"] else "")
+        for agent, freq in sorted(r["final_actions"].items()):
+            illegal = max(0.0, 1 - sum(freq.get(t, 0.0) for t in ACTION_TYPES[:4]))
+            cells = [f"{freq.get(t, 0.0):.2f}" for t in ACTION_TYPES[:4]] + [f"{illegal:.2f}"]
+            lines.append(f"| {name} | {r['seed']} | {agent} | " + " | ".join(cells) + f" | {r['wall_s'] / 60:.1f} |")
+    for metric, paper, digits in (("regret_deontological", PAPER_DEON, 2), ("regret_utilitarian", PAPER_UTIL, 3)):
+        lines += ["", f"### {metric.replace('_', ' ')}: {variant} vs {opponent}, mean ± 95% CI "
+                  "(paper's Figure 4 value in brackets)", "",
+                  "| condition | model | runs | " + " | ".join(PAPER_GAMES) + " |", "|---" * 8 + "|"]
+        base_done = False
+        for f in sorted(out.glob("*_evaluation/summary.json")):
+            cond = f.parent.name[: -len("_evaluation")]
+            data = json.loads(f.read_text())
+            cells = {(c["model"], c["game"]): c for c in data["cells"]
+                     if c["variant"] == variant and c["opponent"] == opponent}
+            for model in data["meta"]["models"]:
+                if model == "base" and base_done:
+                    continue
+                key = "base" if model == "base" else cond.removesuffix("_compat")
+                row = []
+                for i, g in enumerate(PAPER_GAMES):
+                    c = cells.get((model, g))
+                    v = "-" if c is None else f"{c[f'{metric}_mean']:.{digits}f} ± {c[f'{metric}_ci']:.{digits}f}"
+                    ref = paper.get(key)
+                    row.append(v + (f" [{ref[i]}]" if ref and "llm_vs_llm" not in key and "vs_llm" not in key else ""))
+                label = "no fine-tuning" if model == "base" else cond
+                lines.append(f"| {label} | {model} | {data['meta']['runs']} | " + " | ".join(row) + " |")
+                base_done |= model == "base"
+    return "\n".join(lines) + "\n"
+
+
 def run_one(cond: str, seed: int, args) -> dict:
     name = f"{cond}{'_compat' if args.compat_run else ''}_seed{seed}"
     cmd = [sys.executable, "-m", "lit_moral", "fit", "--config", str(ROOT / "configs" / CONDITIONS[cond]),
@@ -132,9 +184,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="passed to python -m lit_moral.evaluation (default: %(default)s)")
     ap.add_argument("--figure", type=Path, default=None,
                     help="only draw the training action types of the runs in runs.jsonl into this PNG")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="only write the tables of docs/results.md (training action types, regrets beside the "
+                         "paper's) from runs.jsonl and the evaluations into this file")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
+    if args.markdown:
+        args.markdown.write_text(markdown_tables(args.out))
+        print(args.markdown)
+        return
     if args.figure:
         print(training_figure([json.loads(x) for x in log.read_text().splitlines()], args.figure))
         return
