@@ -30,4 +30,4 @@ reproduce: setup
 	$(PYTHON) scripts/reproduce.py --paper-compat --evaluate
 
 lint:
-	$(PYTHON) -m ruff check lit_moral tests benchmarks
+	$(PYTHON) -m ruff check lit_moral tests benchmarks scripts
