@@ -128,8 +128,11 @@ def markdown_tables(out: Path, variant: str = "new_tokens", opponent: str = "ran
         lines += ["", f"### {metric.replace('_', ' ')}: {variant} vs {opponent}, mean ± 95% CI "
                   "(paper's Figure 4 value in brackets)", "",
                   "| condition | model | runs | " + " | ".join(PAPER_GAMES) + " |", "|---" * 8 + "|"]
-        base_done = False
-        for f in sorted(out.glob("*_evaluation/summary.json")):
+        base_done, rows = False, []
+        order = {c: i for i, c in enumerate(CONDITIONS)}
+        files = sorted(out.glob("*_evaluation/summary.json"), key=lambda f: (
+            order.get(f.parent.name[: -len("_evaluation")].removesuffix("_compat"), len(order)), f.parent.name))
+        for f in files:
             cond = f.parent.name[: -len("_evaluation")]
             data = json.loads(f.read_text())
             cells = {(c["model"], c["game"]): c for c in data["cells"]
@@ -145,8 +148,10 @@ def markdown_tables(out: Path, variant: str = "new_tokens", opponent: str = "ran
                     ref = paper.get(key)
                     row.append(v + (f" [{ref[i]}]" if ref and "llm_vs_llm" not in key and "vs_llm" not in key else ""))
                 label = "no fine-tuning" if model == "base" else cond
-                lines.append(f"| {label} | {model} | {data['meta']['runs']} | " + " | ".join(row) + " |")
+                line = f"| {label} | {model} | {data['meta']['runs']} | " + " | ".join(row) + " |"
+                rows.insert(0, line) if model == "base" else rows.append(line)  # the base model first
                 base_done |= model == "base"
+        lines += rows
     return "\n".join(lines) + "\n"
 
 
