@@ -124,34 +124,36 @@ def markdown_tables(out: Path, variant: str = "new_tokens", opponent: str = "ran
             illegal = max(0.0, 1 - sum(freq.get(t, 0.0) for t in ACTION_TYPES[:4]))
             cells = [f"{freq.get(t, 0.0):.2f}" for t in ACTION_TYPES[:4]] + [f"{illegal:.2f}"]
             lines.append(f"| {name} | {r['seed']} | {agent} | " + " | ".join(cells) + f" | {r['wall_s'] / 60:.1f} |")
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    evals = []  # (condition, summary), in the order of CONDITIONS; read once for both tables
+    for f in out.glob("*_evaluation/summary.json"):
+        cond = f.parent.name.removesuffix("_evaluation")
+        evals.append((cond, json.loads(f.read_text())))
+    evals.sort(key=lambda e: (order.get(e[0].removesuffix("_compat"), len(order)), e[0]))
     for metric, paper, digits in (("regret_deontological", PAPER_DEON, 2), ("regret_utilitarian", PAPER_UTIL, 3)):
         lines += ["", f"### {metric.replace('_', ' ')}: {variant} vs {opponent}, mean ± 95% CI "
                   "(paper's Figure 4 value in brackets)", "",
                   "| condition | model | runs | " + " | ".join(PAPER_GAMES) + " |", "|---" * 8 + "|"]
-        base_done, rows = False, []
-        order = {c: i for i, c in enumerate(CONDITIONS)}
-        files = sorted(out.glob("*_evaluation/summary.json"), key=lambda f: (
-            order.get(f.parent.name[: -len("_evaluation")].removesuffix("_compat"), len(order)), f.parent.name))
-        for f in files:
-            cond = f.parent.name[: -len("_evaluation")]
-            data = json.loads(f.read_text())
+        base_row, rows = None, []
+        for cond, data in evals:
             cells = {(c["model"], c["game"]): c for c in data["cells"]
                      if c["variant"] == variant and c["opponent"] == opponent}
             for model in data["meta"]["models"]:
-                if model == "base" and base_done:
-                    continue
-                key = "base" if model == "base" else cond.removesuffix("_compat")
+                if model == "base" and base_row:
+                    continue  # the base model is the same in every evaluation: one row
+                ref = paper.get("base" if model == "base" else cond.removesuffix("_compat"))  # None: no paper value
                 row = []
                 for i, g in enumerate(PAPER_GAMES):
                     c = cells.get((model, g))
                     v = "-" if c is None else f"{c[f'{metric}_mean']:.{digits}f} ± {c[f'{metric}_ci']:.{digits}f}"
-                    ref = paper.get(key)
-                    row.append(v + (f" [{ref[i]}]" if ref and "llm_vs_llm" not in key and "vs_llm" not in key else ""))
+                    row.append(v + (f" [{ref[i]}]" if ref else ""))
                 label = "no fine-tuning" if model == "base" else cond
                 line = f"| {label} | {model} | {data['meta']['runs']} | " + " | ".join(row) + " |"
-                rows.insert(0, line) if model == "base" else rows.append(line)  # the base model first
-                base_done |= model == "base"
-        lines += rows
+                if model == "base":
+                    base_row = line
+                else:
+                    rows.append(line)
+        lines += ([base_row] if base_row else []) + rows
     return "\n".join(lines) + "\n"
 
 
