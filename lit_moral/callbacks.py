@@ -1,7 +1,8 @@
 """Experiment protocol as callbacks: when rewards and opponents switch, what gets exported and logged.
 
-None is needed for a plain ``fit``. Schedules count episodes (games), as the paper does, and are
-stateful: a run resumed from a checkpoint written before a switch switches at the same episode.
+None is needed for a plain ``fit``. Schedules count episodes (games), as the paper does: before every
+iteration they apply the entry of the current episode, so a resumed run (whose config reward and opponent
+are authoritative otherwise) switches at the same episode as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -86,16 +87,8 @@ def _check_points(field: str, points: list) -> list:
 
 
 class _Schedule(Callback):
-    """Applies the entry whose start episode was reached, before each iteration."""
-
-    def __init__(self) -> None:
-        self.applied: dict[str, int] = {}
-
-    def state_dict(self) -> dict:
-        return {"applied": dict(self.applied)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.applied = dict(state["applied"])
+    """Applies the entry whose start episode was reached, before each iteration (idempotent: the position is
+    a function of the module's checkpointed episode count, so it needs no state of its own)."""
 
     @staticmethod
     def current(points: list, episode: int) -> int:
@@ -131,9 +124,8 @@ class RewardSchedule(_Schedule):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         for a, pts in self.schedule.items():
             i = self.current(pts, pl_module.episode)
-            if i >= 0 and self.applied.get(a) != i:
+            if i >= 0:
                 pl_module.set_reward(a, pts[i][1])
-                self.applied[a] = i
             pl_module.log(f"schedule/reward_index/{a}", float(max(i, 0)), on_step=True, on_epoch=False)
 
 
@@ -160,9 +152,8 @@ class OpponentSchedule(_Schedule):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         ep = pl_module.episode % self.cycle if self.cycle else pl_module.episode
         i = self.current(self.schedule, ep)
-        if i >= 0 and self.applied.get("opponent") != i:
+        if i >= 0:
             pl_module.set_opponent(self.schedule[i][1])
-            self.applied["opponent"] = i
         pl_module.log("opponent/index", float(max(i, 0)), on_step=True, on_epoch=False)
 
 
@@ -220,11 +211,8 @@ class ActionTypePlot(Callback):
         self._last_drawn = int(state["last_drawn"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        from lit_moral.metrics import action_type_index
-
-        for agent, s in pl_module.last_samples.items():
-            counts = torch.bincount(action_type_index(s.action, s.prev_other), minlength=6).float()
-            freq = (counts / counts.sum()).tolist()
+        for agent, types in pl_module.last_action_types.items():
+            freq = types.tolist()  # the iteration's metrics.ActionTypes frequencies
             self.history.setdefault(agent, []).append([float(pl_module.episode), *freq[:4], freq[4] + freq[5]])
         if pl_module.episode - self._last_drawn >= self.every and trainer.is_global_zero:
             self._last_drawn = pl_module.episode
@@ -241,8 +229,9 @@ class ActionTypePlot(Callback):
 
         agents = sorted(self.history)
         fig, axes = plt.subplots(1, len(agents), figsize=(6 * len(agents), 3.6), squeeze=False)
-        labels = ["C|C", "C|D", "D|C", "D|D", "illegal"]
-        colors = ["#2ca02c", "#98df8a", "#d62728", "#ff9896", "#7f7f7f"]
+        from lit_moral.plots import TYPE_COLORS
+
+        labels, colors = list(TYPE_COLORS), list(TYPE_COLORS.values())
         for ax, agent in zip(axes[0], agents):
             rows = torch.tensor(self.history[agent])
             ax.stackplot(rows[:, 0].numpy(), rows[:, 1:].T.numpy(), labels=labels, colors=colors)

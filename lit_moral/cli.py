@@ -59,10 +59,23 @@ class LitMoralParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         line = unknown_key_message(message, valid_keys(self)) if self.exit_on_error else None
+        if self.exit_on_error and "--> model.seed" in message:
+            line = "model.seed: set from seed_everything (one seed drives every random stream); give --seed_everything N"
         if line is None:
             super().error(message, ex)
         sys.stderr.write(f"error: {line}\n")
         self.exit(2)
+
+
+def _module_seed(seed: object) -> int | None:
+    """``seed_everything`` as the module's seed; ``true`` (a random seed, drawn after parsing) gives None: the
+    module then reads the seed Lightning drew (``PL_GLOBAL_SEED``)."""
+    if isinstance(seed, bool) or seed is None:
+        return None
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed_everything: got {seed!r}; must be a whole number (or true for a random seed)") from None
 
 
 class LitMoralCLI(LightningCLI):
@@ -80,6 +93,9 @@ class LitMoralCLI(LightningCLI):
             "trainer.plugins": [{"class_path": "lit_moral.checkpoint_io.AtomicCheckpointIO"}],
         })
         parser.link_arguments("model.run_name", "trainer.logger.init_args.name")
+        # One seed drives everything: seed_everything (adapter initialisation, dropout) is also the module's seed
+        # (initial states, option orders, sampling, minibatches, opponents).
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_module_seed)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning re-applies a checkpoint's saved hyperparameters over the parsed config; the evaluation
@@ -100,7 +116,7 @@ class LitMoralCLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitMoralCLI | None:
     """Entry point of ``lit-moral`` and ``python -m lit_moral``; ``args`` lets tests pass a list."""
     try:
-        return LitMoralCLI(MoralPPO, auto_configure_optimizers=False, args=args, run=run,
+        return LitMoralCLI(MoralPPO, auto_configure_optimizers=False, args=args, run=run, seed_everything_default=0,
                            save_config_kwargs={"overwrite": True}, parser_class=LitMoralParser)
     except ConfigError as e:
         if args is not None:

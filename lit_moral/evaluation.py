@@ -4,9 +4,10 @@ The evaluation is the training engine without gradients: :func:`lit_moral.rollou
 memoised :class:`~lit_moral.rollout.ActionSampler`, the player being an agent's adapter or ``BASE``
 (adapters disabled). Each *cell* ``(model, game, variant, opponent)`` plays ``episodes`` games of
 ``rounds`` rounds. Rewards and regrets use the payoffs of the game actually shown (the original
-code used IPD payoffs for every game, PAPER.md section 9). The generator and the fixed opponent are
-re-seeded per cell from ``(seed + run, game, variant, opponent)``, so every model of a run sees the
-same initial states and the same Random-opponent moves.
+code used IPD payoffs for every game, PAPER.md section 9). Every cell gets its own independent streams
+(initial states, option orders, sampling, and the fixed opponent's) derived from ``(seed + run, game,
+variant, opponent)`` and a purpose, so every model of a run sees the same initial states and the same
+Random-opponent moves, and no stream moves in lock-step with another.
 
 Why a dataclass argument of the module (``model.evaluation`` in YAML) and not only a callback: the
 config saved beside every checkpoint then runs ``python -m lit_moral test --config <run>/config.yaml
@@ -20,7 +21,6 @@ b.ckpt ... [--out DIR]``; run ``r`` uses seed ``seed + r`` and the summary's CIs
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from lit_moral.errors import ConfigError, check_choice, check_positive
-from lit_moral.games import GAME_NAMES, ILLEGAL, MatrixGame, effective_action
+from lit_moral.games import ACTION_NAMES, GAME_NAMES, ILLEGAL, MatrixGame, effective_action, lookup
 from lit_moral.opponents import LLM_OPPONENT, OPPONENTS, make_opponent
 from lit_moral.policy import BASE
 from lit_moral.prompts import N_PROMPT_IDS, PERSONAS, PromptRenderer, PromptStyle
 from lit_moral.rewards import deontological_regret, utilitarian_regret
 from lit_moral.rollout import ActionSampler, Match, play
+from lit_moral.seeding import Streams, derive_seed
 
 # variant -> (which action strings, table order, prompt kind); "eval" strings are EvalConfig.eval_actions.
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -129,11 +130,6 @@ class _EvalSampler(ActionSampler):
         self._resolve([(a, p, ()) for a in players for p in range(N_PROMPT_IDS)])
 
 
-def cell_seed(seed: int, *parts: str) -> int:
-    """A stable seed for one cell (independent of the model, so all models see the same states)."""
-    return (seed * 1_000_003 + zlib.crc32("|".join(parts).encode())) % (2**62)
-
-
 def models_of(module, cfg: EvalConfig) -> list[tuple[str, str, str]]:
     """``(label, player, persona)``: every agent, then the base model and its persona baselines."""
     out = [(a, a, "") for a in module.agent_names]
@@ -167,7 +163,7 @@ def style_for(module, cfg: EvalConfig, variant: str, persona: str = "") -> Promp
     tokens, order, kind = VARIANTS[variant]
     actions = tuple(module.style.actions) if tokens == "training" else tuple(cfg.eval_actions)
     return PromptStyle(actions=actions, table_order=order, use_chat_template=module.style.use_chat_template,
-                       kind=kind, persona=persona)
+                       kind=kind, persona=persona, system_prompt=module.style.system_prompt)
 
 
 @torch.no_grad()
@@ -193,8 +189,8 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
                     renderer = PromptRenderer(module.tokenizer, game, style_for(module, cfg, variant, persona))
                     # Prompts without a payoff table are the same in every game: run them once per run.
                     sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
-                        policy, renderer, module.hparams.action_mode, torch.Generator(),
-                        module.hparams.max_new_tokens, with_reference=False))
+                        policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
+                        with_reference=False))
                     sampler.warm(sorted({p for _, p in models} | ({*module.agent_names} if not persona else set())))
                     for label, player in models:
                         for opp in opponents_of(module, cfg, player, persona):
@@ -207,12 +203,12 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
 def _play_cell(module, cfg: EvalConfig, sampler: ActionSampler, game: MatrixGame, cell: tuple[str, str, str, str],
                seed: int, run: int) -> list[dict]:
     label, player, variant, opp = cell
-    s = cell_seed(seed, game.name, variant, opp)
-    sampler.generator.manual_seed(s)
-    other = opp if opp in module.agent_names else make_opponent(opp, seed=s)
+    where = ("eval", game.name, variant, opp)  # not the model: every model of a run meets the same streams
+    streams = Streams.from_seed(seed, *where)
+    other = opp if opp in module.agent_names else make_opponent(opp, seed=derive_seed(seed, *where, "opponent"))
     first = module.rewards[module.agent_names[0]]
     rewards = {BASE: first, **module.rewards}
-    samples = play(sampler, [Match((player, other), cfg.episodes)], game, cfg.rounds, rewards)[player][0]
+    samples = play(sampler, [Match((player, other), cfg.episodes)], game, cfg.rounds, rewards, streams)[player][0]
     xi = module.hparams.xi if cfg.xi is None else cfg.xi
     return round_rows(samples, game, rewards[player], xi, sampler.renderer,
                       dict(run=run, seed=seed, model=label, game=game.name, variant=variant, opponent=opp))
@@ -221,31 +217,37 @@ def _play_cell(module, cfg: EvalConfig, sampler: ActionSampler, game: MatrixGame
 def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, fixed: dict) -> list[dict]:
     """Per-round dicts from one player's AgentSamples ``s`` (``[N]`` tensors) in ``game``.
 
-    Rewards are the ones ``play`` computed with the run's reward spec; the regrets use ``xi`` and the
-    spec's illegal penalty (PAPER.md section 7).
+    Rewards are the ones ``play`` computed with the run's reward spec (its deontological penalty is the
+    ``reward_xi`` column); the regrets use ``xi`` (the ``xi`` column) and the spec's illegal penalty
+    (PAPER.md section 7). Each row's payoffs and regrets are read off the table of the player's own seat.
 
     ``payoff_me`` is empty for an illegal answer (the player gets the illegal penalty instead);
     ``payoff_other`` counts the illegal answer as the player's last legal move (PAPER.md section 3).
     """
-    names = ("C", "D", "illegal")
     legal = s.action != ILLEGAL
     mine = effective_action(s.action, s.prev_me)
-    pay = game.payoffs[mine, s.other_action]
+    col = s.seat == 1
+    pay_me, pay_other, util = (torch.zeros(len(s)) for _ in range(3))
+    for seat, at in ((0, ~col), (1, col)):
+        table = game.view(seat).payoffs
+        pm, po = lookup(table, mine[at], s.other_action[at])
+        pay_me[at], pay_other[at] = pm, po
+        util[at] = utilitarian_regret(s.action[at], s.other_action[at], table, spec.illegal_penalty)
     deon = deontological_regret(s.action, s.prev_other, xi, spec.illegal_penalty)
-    util = utilitarian_regret(s.action, s.other_action, game.payoffs, spec.illegal_penalty)
     decoded: dict[tuple, str] = {}
     cols = dict(episode=s.episode.tolist(), round=s.round.tolist(), prev_me=s.prev_me.tolist(),
                 prev_other=s.prev_other.tolist(), action=s.action.tolist(), other_action=s.other_action.tolist(),
-                legal=legal.tolist(), payoff_me=pay[:, 0].tolist(), payoff_other=pay[:, 1].tolist(),
+                legal=legal.tolist(), payoff_me=pay_me.tolist(), payoff_other=pay_other.tolist(),
                 reward=s.reward.tolist(), regret_deontological=deon.tolist(), regret_utilitarian=util.tolist(),
                 **{f"reward_{k}": v.tolist() for k, v in s.components.items()})
+    fixed = {**fixed, "xi": float(xi), "reward_xi": float(spec.xi), "illegal_penalty": float(spec.illegal_penalty)}
     rows = []
     for i, resp in enumerate(s.responses):
         if resp not in decoded:
             decoded[resp] = renderer.tokenizer.decode(list(resp), skip_special_tokens=True).strip()
         row = {**fixed, **{k: v[i] for k, v in cols.items()}, "answer": decoded[resp]}
         for k in ("prev_me", "prev_other", "action", "other_action"):
-            row[k] = names[row[k]]
+            row[k] = ACTION_NAMES[row[k]]
         row["legal"] = int(row["legal"])
         row["payoff_me"] = row["payoff_me"] if row["legal"] else ""
         rows.append(row)
@@ -391,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluate_checkpoints(args.config, args.ckpt, args.out, rest, args.device)
 
 
-__all__ = ["BASE_LABEL", "EVAL_OPPONENTS", "VARIANTS", "EvalConfig", "cell_seed", "evaluate", "models_of",
+__all__ = ["BASE_LABEL", "EVAL_OPPONENTS", "VARIANTS", "EvalConfig", "evaluate", "models_of",
            "evaluate_checkpoints", "load_weights", "main", "opponents_of", "report_meta", "round_rows", "run_test"]
 
 

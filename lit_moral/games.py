@@ -2,7 +2,8 @@
 
 Action codes: ``C = 0`` (first action string), ``D = 1`` (second), ``ILLEGAL = 2``.
 Payoffs are ``[2, 2, 2]`` tensors: ``payoffs[a_row, a_col] = (payoff to row, payoff to column)``.
-Every player sees itself as the row player; all rewards are computed from that view.
+The column player of a match sees and is paid by the transposed table (:meth:`MatrixGame.view`), so in
+an asymmetric game such as BOS the two ledgers differ; every player is the row player of its own view.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from lit_moral.errors import ConfigError, check_choice
 
 C, D, ILLEGAL = 0, 1, 2
 ACTION_NAMES = ("C", "D", "illegal")
+# Action types (PAPER.md section 7): the player's action given the other's previous move, "X|Y" = played X
+# after the other played Y; index = action * 2 + prev_other. The figures merge the two illegal types.
+ACTION_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")
+PLOTTED_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal")
 
 # PAPER.md section 1: entry = (payoff to the row player M, payoff to the column player O).
 PAYOFF_TABLES: dict[str, list[list[list[float]]]] = {
@@ -44,7 +49,7 @@ def validate_payoffs(payoffs: object, field: str = "game") -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MatrixGame:
-    """A symmetric-view 2x2 matrix game.
+    """A 2x2 matrix game, seen from the row player (``view(1)`` is the column player's table).
 
     Attributes:
         name: short name shown in logs (``IPD``, ``ISH``, ``ICN``, ``BOS``, ``ICD`` or ``custom``).
@@ -65,6 +70,20 @@ class MatrixGame:
         return cls("custom", validate_payoffs(spec, field))
 
     @property
+    def symmetric(self) -> bool:
+        """Whether both players see the same table (``payoffs[a, b] == payoffs[b, a]`` swapped)."""
+        return bool(torch.equal(self.payoffs, self.transposed().payoffs))
+
+    def transposed(self) -> MatrixGame:
+        """The column player's view: ``view[a_me, a_other] = (its payoff, the row player's payoff)``."""
+        return MatrixGame(self.name, self.payoffs.permute(1, 0, 2).flip(-1).contiguous())
+
+    def view(self, seat: int) -> MatrixGame:
+        """The game as the player in ``seat`` (0 = row, 1 = column) sees it: every player is the row player of
+        its own view, so prompts, rewards and regrets are computed alike for both seats."""
+        return self if seat == 0 else self.transposed()
+
+    @property
     def max_collective(self) -> float:
         """Best collective payoff ``max(R_M + R_O)`` over the four outcomes (PAPER.md section 1)."""
         return float(self.payoffs.sum(-1).max())
@@ -79,8 +98,24 @@ class MatrixGame:
         Returns:
             ``(mine [B], theirs [B])`` floats.
         """
-        p = self.payoffs.to(a_me.device)[a_me, a_other]
-        return p[..., 0], p[..., 1]
+        return lookup(self.payoffs, a_me, a_other)
+
+
+def lookup(payoffs: torch.Tensor, a_me: torch.Tensor, a_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mine [B], theirs [B])`` payoffs of legal actions in a ``[2, 2, 2]`` table (the one place a table is read).
+
+    Illegal codes are read as C; callers mask them (rewards) or map them to the last legal move first
+    (:func:`effective_action`).
+    """
+    a = torch.where(a_me == ILLEGAL, torch.zeros_like(a_me), a_me)
+    b = torch.where(a_other == ILLEGAL, torch.zeros_like(a_other), a_other)
+    p = payoffs.to(a_me.device)[a, b]
+    return p[..., 0], p[..., 1]
+
+
+def action_type_index(action: torch.Tensor, prev_other: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index into ACTION_TYPES."""
+    return action.long() * 2 + prev_other.long()
 
 
 def effective_action(action: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from lit_moral.games import ILLEGAL, C, D
+from lit_moral.games import ACTION_TYPES, ILLEGAL, C, D, action_type_index
 from lit_moral.rewards import deontological_regret, utilitarian_regret
-
-ACTION_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")
-
-
-def action_type_index(action: torch.Tensor, prev_other: torch.Tensor) -> torch.Tensor:
-    """``[B]`` index into ACTION_TYPES."""
-    return action * 2 + prev_other
 
 
 class _SumMetric(Metric):
@@ -97,12 +90,19 @@ class MoralRegret(_SumMetric):
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, action: torch.Tensor, other_action: torch.Tensor, prev_other: torch.Tensor) -> None:
+    def update(self, action: torch.Tensor, other_action: torch.Tensor, prev_other: torch.Tensor,
+               seat: torch.Tensor | None = None) -> None:
+        """Add ``[B]`` rounds; ``seat`` (``[B]``, 0 = row, 1 = column player; default all 0) picks the table each
+        round is scored on: the column player of an asymmetric game is scored on its own, transposed, view."""
         action, other_action, prev_other = action.cpu(), other_action.cpu(), prev_other.cpu()
         if self.kind == "deontological":
             r = deontological_regret(action, prev_other, self.xi, self.illegal_penalty)
         else:
             r = utilitarian_regret(action, other_action, self.payoffs, self.illegal_penalty)
+            if seat is not None and bool((seat == 1).any()):
+                col = seat.cpu() == 1
+                transposed = self.payoffs.permute(1, 0, 2).flip(-1)
+                r[col] = utilitarian_regret(action[col], other_action[col], transposed, self.illegal_penalty)
         self.total += r.sum().to(self.total.dtype).to(self.total.device)
         self.count += r.numel()
 

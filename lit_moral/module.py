@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -25,14 +26,16 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_moral import models
 from lit_moral.errors import ConfigError, check_choice, check_positive
 from lit_moral.evaluation import EvalConfig
-from lit_moral.games import MatrixGame
-from lit_moral.metrics import ACTION_TYPES, ActionTypes, CooperationRate, IllegalRate, MoralRegret
+from lit_moral.games import ACTION_TYPES, MatrixGame
+from lit_moral.metrics import ActionTypes, CooperationRate, IllegalRate, MoralRegret
 from lit_moral.opponents import LLM_OPPONENT, OPPONENT_NAMES, Opponent, make_opponent
+from lit_moral.padding import pad_steps
 from lit_moral.policy import LoraSpec, Policy
 from lit_moral.ppo import KLController, PPOConfig, RunningMoments, explained_variance, gae, kl_rewards, ppo_loss, whiten
 from lit_moral.prompts import PromptRenderer, PromptStyle, validate_actions
 from lit_moral.rewards import RewardSpec
 from lit_moral.rollout import ActionSampler, AgentSamples, Match, merge, play
+from lit_moral.seeding import Streams, opponent_seed
 
 AGENT_NAME = re.compile(r"^agent_[01]$")
 
@@ -125,7 +128,9 @@ class MoralPPO(pl.LightningModule):
         ppo: PPO settings.
         lr: Adam learning rate (paper: 1.41e-5).
         prefix_levels: shared-prefix tree depth in the forward engine (0 = automatic, 1 = no prefix reuse).
-        seed: seed for games, sampling and opponents (each process adds its rank).
+        seed: seed of every random stream of the run: initial states, option orders, sampling, minibatches and
+            each opponent get their own stream derived from it (and from the process rank). The CLI links it to
+            ``seed_everything``, which also seeds adapter initialisation and dropout.
         run_name: name used for the checkpoint folder.
         naive: run the obvious path instead of the engine (per-sample full forwards, full-vocabulary
             logits, no deduplication, prefix reuse or memoisation); for benchmarks and tests only.
@@ -133,6 +138,8 @@ class MoralPPO(pl.LightningModule):
             prompt variants, episodes, seed, output folder); see ``lit_moral.evaluation.EvalConfig``.
         gradient_checkpointing: recompute decoder layers in the backward pass (large models on small
             GPUs); update forwards then run whole sequences instead of reusing the prompt prefix.
+        system_prompt: None (default, as the paper): no system turn; a template that inserts a default system
+            text of its own (SmolLM2's) gets an empty system turn instead. A string: that system text.
     """
 
     def __init__(
@@ -155,15 +162,18 @@ class MoralPPO(pl.LightningModule):
         ppo: PPOConfig | None = None,
         lr: float = 1.41e-5,
         prefix_levels: int = 0,
-        seed: int = 0,
+        seed: int | None = 0,
         run_name: str = "run",
         naive: bool = False,
         evaluation: EvalConfig | None = None,
         gradient_checkpointing: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False
+        if seed is None:  # seed_everything: true (see cli._module_seed): the seed Lightning drew
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.save_hyperparameters()
         # Validate everything cheap before any model is loaded.
         self.agent_cfgs = [a if isinstance(a, AgentConfig) else AgentConfig(**a) for a in (agents or [AgentConfig()])]
@@ -171,7 +181,7 @@ class MoralPPO(pl.LightningModule):
                        action_mode, actions, max_new_tokens, lr, prefix_levels, dtype)
         self.game = MatrixGame.from_spec(game, "game")
         _validate_lora(lora or LoraSpec())
-        self.style = PromptStyle(actions=tuple(actions))
+        self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt)
         self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
         self.lora = lora or LoraSpec()
@@ -181,16 +191,19 @@ class MoralPPO(pl.LightningModule):
         self.opponent_name = opponent
         self.kl_ctl = {a: self._new_kl() for a in self.agent_names}
         self.moments = {a: RunningMoments() for a in self.agent_names}
-        self.opponents: dict[str, Opponent] = {}
+        # One opponent (and random stream) per (agent, strategy), kept across switches: a Random opponent met
+        # again after a schedule switch continues its stream instead of replaying it.
+        self.opponents: dict[tuple[str, str], Opponent] = {}
         self.set_opponent(opponent)
         self.episode = 0
         self.iteration = 0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.streams = Streams.from_seed(seed, "rank", 0)
         self.policy: Policy | None = None
         self.tokenizer = None
         self.renderer: PromptRenderer | None = None
         self.sampler: ActionSampler | None = None
         self.last_samples: dict[str, AgentSamples] = {}
+        self.last_action_types: dict[str, torch.Tensor] = {}  # agent -> [6] frequencies of the last iteration
         self.metrics = torch.nn.ModuleDict({a: self._new_metrics() for a in self.agent_names})
         self.eval_cfg = EvalConfig(**evaluation) if isinstance(evaluation, dict) else evaluation or EvalConfig()
 
@@ -240,10 +253,10 @@ class MoralPPO(pl.LightningModule):
             raise ConfigError("opponent: 'llm' needs two agents")
         self.opponent_name = name
         if name != LLM_OPPONENT:
-            for i, a in enumerate(self.agent_names):
-                if a not in self.opponents or self.opponents[a].name != name:
-                    seed = self.hparams.seed * 1000 + 17 * (i + 1) + 7919 * self.global_rank
-                    self.opponents[a] = make_opponent(name, seed=seed)
+            for a in self.agent_names:
+                if (a, name) not in self.opponents:
+                    seed = opponent_seed(self.hparams.seed, a, name, self.global_rank)
+                    self.opponents[(a, name)] = make_opponent(name, seed=seed)
 
     def set_reward(self, agent: str, reward: str | dict) -> None:
         """Switch an agent's reward (used by RewardSchedule); statistics and KL state carry on."""
@@ -268,14 +281,14 @@ class MoralPPO(pl.LightningModule):
         need = self.renderer.max_prompt_len + self.hparams.max_new_tokens
         if limit is not None and need > limit:
             raise ConfigError(f"model: prompts need {need} tokens but {self.hparams.model!r} has a context of {limit}")
-        self.sampler = ActionSampler(self.policy, self.renderer, self.hparams.action_mode, self.generator,
+        self.sampler = ActionSampler(self.policy, self.renderer, self.hparams.action_mode,
                                      self.hparams.max_new_tokens, naive=self.hparams.naive)
 
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
         if rank:
-            # Each process plays its own games: a different stream per rank, for sampling and opponents.
-            self.generator.manual_seed(self.hparams.seed + 7919 * rank)
+            # Each process plays its own games: its own streams, for states, orders, sampling and opponents.
+            self.streams = Streams.from_seed(self.hparams.seed, "rank", rank)
             self.opponents.clear()
             self.set_opponent(self.opponent_name)
 
@@ -311,7 +324,7 @@ class MoralPPO(pl.LightningModule):
         n = self._local_games()
         if self.opponent_name == LLM_OPPONENT:
             return [Match(("agent_0", "agent_1"), n)]
-        return [Match((a, self.opponents[a]), n) for a in self.agent_names]
+        return [Match((a, self.opponents[(a, self.opponent_name)]), n) for a in self.agent_names]
 
     def _local_games(self) -> int:
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -323,7 +336,8 @@ class MoralPPO(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         t0 = time.perf_counter()
         self.policy.eval()
-        played = play(self.sampler, self.matches(), self.game, self.hparams.rounds_per_episode, self.rewards)
+        played = play(self.sampler, self.matches(), self.game, self.hparams.rounds_per_episode, self.rewards,
+                      self.streams)
         samples = {a: merge(parts) for a, parts in played.items()}
         for agent, s in samples.items():
             self._check_finite(s.reward, "reward", agent)
@@ -365,7 +379,7 @@ class MoralPPO(pl.LightningModule):
         passes = cfg.ppo_epochs * math.ceil(n / size)
         stats: list[dict[str, torch.Tensor]] = []
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self.generator)
+            perm = torch.randperm(n, generator=self.streams.minibatch)
             for k in range(0, n, size):
                 idx = perm[k:k + size]
                 # The obvious path backpropagates sample by sample (a plain loop's gradient accumulation;
@@ -375,10 +389,9 @@ class MoralPPO(pl.LightningModule):
                 total = mask[idx].sum().clamp_min(1.0)
                 loss, st = torch.zeros((), device=dev), {}
                 for part in parts:
-                    out = self._score(agent, s, part)
-                    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
-                    l_part, st_part = ppo_loss(pad(out["logp"]), old_logp[part], pad(out["values"]), old_values[part],
-                                               ret[part], adv[part], mask[part], cfg, pad(out["entropy"]))
+                    out = {k: pad_steps(v, t) for k, v in self._score(agent, s, part).items() if k != "mask"}
+                    l_part, st_part = ppo_loss(out["logp"], old_logp[part], out["values"], old_values[part],
+                                               ret[part], adv[part], mask[part], cfg, out["entropy"])
                     w = mask[part].sum() / total
                     self._check_finite(l_part, "loss", agent)
                     with self._without_ddp_reducer():
@@ -473,8 +486,9 @@ class MoralPPO(pl.LightningModule):
             m["coop"](s.action)
             m["illegal"](s.action)
             m["deon"](s.action, s.other_action, s.prev_other)
-            m["util"](s.action, s.other_action, s.prev_other)
+            m["util"](s.action, s.other_action, s.prev_other, s.seat)
             types = m["types"](s.action, s.prev_other)
+            self.last_action_types[agent] = types
             self.log(f"game/coop_rate/{agent}", m["coop"], on_step=True, on_epoch=False)
             self.log(f"game/illegal_rate/{agent}", m["illegal"], on_step=True, on_epoch=False)
             self.log(f"moral/regret_deontological/{agent}", m["deon"], on_step=True, on_epoch=False)
@@ -500,9 +514,9 @@ class MoralPPO(pl.LightningModule):
                 "lora_target_modules": self.lora.target_modules, "action_mode": self.hparams.action_mode}
 
     def _rng_states(self) -> list[dict]:
-        """Every process's random state in rank order: sampling generator, torch's global RNG (dropout), opponents."""
-        mine = {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                "opponents": {a: o.state_dict() for a, o in self.opponents.items()}}
+        """Every process's random state in rank order: its streams, torch's global RNG (dropout), opponents."""
+        mine = {"streams": self.streams.state_dict(), "torch": torch.get_rng_state(),
+                "opponents": {f"{a}|{name}": o.state_dict() for (a, name), o in self.opponents.items()}}
         if not self._distributed():
             return [mine]
         out: list = [None] * self.trainer.world_size
@@ -535,10 +549,9 @@ class MoralPPO(pl.LightningModule):
         diff = [f"{k}: checkpoint has {theirs.get(k)!r}, config has {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
         if diff:
             raise ConfigError("ckpt_path: checkpoint does not match this run (" + "; ".join(diff) + ")")
+        # The config is authoritative: its reward and opponent stay (a RewardSchedule / OpponentSchedule
+        # re-applies the entry of the restored episode before the next iteration).
         self.episode, self.iteration = int(state["episode"]), int(state["iteration"])
-        self.set_opponent(state["opponent"])
-        for a, r in state["rewards"].items():
-            self.set_reward(a, r["name"] if r["name"] != "custom" else r["weights"])
         for a, c in state["kl"].items():
             self.kl_ctl[a].load_state_dict(c)
         for a, m in state["moments"].items():
@@ -547,8 +560,11 @@ class MoralPPO(pl.LightningModule):
         if self.global_rank < len(rng):
             # A process beyond the saved world size keeps the fresh stream ``setup`` seeded.
             mine = rng[self.global_rank]
-            self.generator.set_state(mine["generator"])
+            self.streams.load_state_dict(mine["streams"])
             torch.set_rng_state(mine["torch"])
-            for a, o in mine["opponents"].items():
-                if a in self.opponents:
-                    self.opponents[a].load_state_dict(o)
+            for key, o in mine["opponents"].items():
+                agent, name = key.split("|")
+                if agent in self.agent_names:
+                    opp = self.opponents.setdefault(
+                        (agent, name), make_opponent(name, seed=opponent_seed(self.hparams.seed, agent, name)))
+                    opp.load_state_dict(o)

@@ -13,9 +13,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TYPES = (("C|C", "#2ca02c"), ("C|D", "#98df8a"), ("D|C", "#d62728"), ("D|D", "#ff9896"), ("illegal", "#7f7f7f"))
+from lit_moral.games import PLOTTED_TYPES  # noqa: E402
+
+# One colour per plotted action type (PLOTTED_TYPES order), shared by every figure of the package.
+TYPE_COLORS = dict(zip(PLOTTED_TYPES, ("#2ca02c", "#98df8a", "#d62728", "#ff9896", "#7f7f7f")))
+TYPES = tuple(TYPE_COLORS.items())
 ANSWERS = (("cooperation", "C", "#2ca02c"), ("defection", "D", "#d62728"), ("illegal", "other", "#7f7f7f"))
-MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def model_colors(n: int) -> list:
+    """``n`` distinct colours, one per model: tab10 up to 10 models, tab20 up to 20, then evenly spaced hues."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
 
 
 def _index(summary: Sequence[dict]) -> dict[tuple, dict]:
@@ -54,27 +66,38 @@ def action_types_figure(summary: Sequence[dict], meta: dict):
 
 
 def regret_figure(summary: Sequence[dict], meta: dict):
-    """Grouped bars of deontological and utilitarian regret per game, one bar per model, 95% CI error bars."""
+    """Grouped bars of deontological and utilitarian regret per game, one bar per model, 95% CI error bars.
+
+    Each axis is scaled to the data (its range is in the panel title, beside the metric's full range), and a
+    bar at 0 is marked by a short dash so it does not vanish; the legend gives each model's n (runs, else
+    episodes, behind the CI).
+    """
     idx, v, o = _index(summary), meta["report_variant"], meta["report_opponent"]
     models, games = meta["models"], meta["games"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / max(len(models), 1)
-    panels = (("regret_deontological", "deontological regret (0 best, 6 worst)", 6.0),
-              ("regret_utilitarian", "utilitarian regret (0 best, 1 worst)", 1.0))
-    for ax, (metric, label, top) in zip(axes, panels):
+    width, colors = 0.8 / max(len(models), 1), model_colors(len(models))
+    panels = (("regret_deontological", "deontological regret", 6.0),
+              ("regret_utilitarian", "utilitarian regret", 1.0))
+    for ax, (metric, label, full) in zip(axes, panels):
+        top = 0.0
         for k, m in enumerate(models):
             rows = [idx.get((m, g, v, o)) for g in games]
             xs = [i - 0.4 + width * (k + 0.5) for i in range(len(games))]
-            ax.bar(xs, [r[f"{metric}_mean"] if r else 0.0 for r in rows], width,
-                   yerr=[r[f"{metric}_ci"] if r else 0.0 for r in rows], capsize=3, label=m,
-                   color=MODEL_COLORS[k % len(MODEL_COLORS)])
+            means = [r[f"{metric}_mean"] if r else 0.0 for r in rows]
+            cis = [r[f"{metric}_ci"] if r else 0.0 for r in rows]
+            n = next((f"{r['n']} {r.get('ci_over', '')}".strip() for r in rows if r and "n" in r), "")
+            ax.bar(xs, means, width, yerr=cis, capsize=3, label=f"{m} (n={n})" if n else m, color=colors[k])
+            ax.scatter([x for x, y in zip(xs, means) if y == 0], [0] * means.count(0), marker="_", s=60,
+                       color=colors[k], zorder=3)
+            top = max([top, *(a + b for a, b in zip(means, cis))])
+        top = min(full, max(top * 1.15, full / 50))
+        ax.set_ylim(0, top)
         ax.set_xticks(range(len(games)), games)
         ax.set_xlabel("game")
-        ax.set_ylabel(label)
-        ax.set_ylim(0, top * 1.05)
-    axes[1].legend(title="model", fontsize=9, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"Moral regret per game, model vs base (opponent: {o}, prompt variant: {v}; "
-                 "error bars: 95% CI)", fontsize=11)
+        ax.set_ylabel(f"{label} (0 best)")
+        ax.set_title(f"{label}: axis 0-{top:.2g} (full range 0-{full:g})", fontsize=9)
+    axes[1].legend(title="model", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"Moral regret per game (opponent: {o}, prompt variant: {v}; error bars: 95% CI)", fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -14,6 +14,7 @@ real token sees exactly the tokens it would see in a plain full-sequence forward
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import DynamicCache
+
+from lit_moral.padding import pad_rows
 
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches: the reference policy
 
@@ -242,13 +245,24 @@ class Policy(nn.Module):
         mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        if len(set(adapters)) > 1 or adapters[0] == BASE:
-            # Mixed-adapter batch (eval mode only, a peft rule); BASE rows run without any adapter.
-            with self.model.base_model._enable_peft_forward_hooks(adapter_names=list(adapters)):
-                out = self.decoder(**kwargs)
-        else:
+        with self._adapters(adapters):
             out = self.decoder(**kwargs)
         return out.last_hidden_state, out.past_key_values, key_mask, start + lens
+
+    def _adapters(self, adapters: Sequence[str]):
+        """Run each row under its named adapter, whatever adapter happens to be active.
+
+        In eval mode every batch (mixed or not) goes through peft's per-row adapter hooks, BASE rows with no
+        adapter. In train mode peft allows one adapter per batch: that adapter is activated if it is not.
+        """
+        names = list(adapters)
+        if not self.training:
+            return self.model.base_model._enable_peft_forward_hooks(adapter_names=names)
+        if len(set(names)) > 1 or names[0] == BASE:
+            raise ValueError(f"a training forward runs one agent's adapter; got {sorted(set(names))}")
+        if self.model.active_adapter != names[0]:
+            self.activate(names[0])
+        return contextlib.nullcontext()
 
     def forward_tree(self, prompts: Sequence[tuple[str, Sequence[int]]],
                      conts: Sequence[tuple[int, Sequence[int]]] = ()) -> TreeOutput:
@@ -494,7 +508,5 @@ class Policy(nn.Module):
                 rows_logp.append(logps[0])
                 rows_ent.append(ents[0])
                 rows_val.append(vals[0])
-        t = max(len(x) for x in rows_logp)
-        pad = lambda xs: torch.stack([torch.nn.functional.pad(x, (0, t - len(x))) for x in xs])  # noqa: E731
-        mask = pad([torch.ones(len(x), device=device) for x in rows_logp]).bool()
-        return {"logp": pad(rows_logp), "values": pad(rows_val), "entropy": pad(rows_ent), "mask": mask}
+        logp, mask = pad_rows(rows_logp)
+        return {"logp": logp, "values": pad_rows(rows_val)[0], "entropy": pad_rows(rows_ent)[0], "mask": mask}

@@ -3,11 +3,13 @@
 The wording is ours; the fields and their order follow the paper: (1) the game and the two options
 in a random order, (2) how points work, (3) the payoff table, (4) the last round, (5) the question
 (selfish framing for every reward), (6) the format line with the options in an independent random
-order, (7) an answer cue. No system prompt is added beyond what the model's chat template inserts.
+order, (7) an answer cue. No system turn by default (PAPER.md section 4 has none); ``system_prompt``
+adds one.
 
 Because the state is memory-1, a prompt is fully described by four bits
 ``(prev_me, prev_other, order_1, order_2)``; its *prompt id* is that 4-bit number (0..15), so a
-batch holds at most 16 distinct prompts and every prompt is tokenized once.
+batch holds at most 16 distinct prompts and every prompt is tokenized once. In an asymmetric game the
+column player sees the transposed table: its prompts are ids 16..31 (:meth:`PromptRenderer.sample_ids`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class PromptStyle:
             (a game and the opponent's last move), ``explicit_ipd`` (a repeated Prisoner's Dilemma with
             traditional payoffs, named but not shown), ``story`` (flat-mates deciding whether to clean).
         persona: ``""`` or a key of PERSONAS: one persona sentence before the prompt (base-model baselines).
+        system_prompt: None: no system turn (a template that inserts a default system text when there is
+            none, such as SmolLM2's, gets an empty system turn instead, so no system text reaches the
+            model); a string: that text as the system turn (prepended to the user turn where the template
+            has no system role).
     """
 
     actions: tuple[str, str] = ("action1", "action2")
@@ -91,6 +97,7 @@ class PromptStyle:
     use_chat_template: bool = True
     kind: str = "game"
     persona: str = ""
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         validate_actions(self.actions)
@@ -98,6 +105,13 @@ class PromptStyle:
         check_choice("kind", self.kind, PROMPT_KINDS)
         if self.persona:
             check_choice("persona", self.persona, PERSONAS)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ConfigError(f"system_prompt: expected a string or null; got {self.system_prompt!r}")
+
+
+def options(actions: Sequence[str], flipped: int) -> tuple[str, str]:
+    """The two action strings in the order an order bit says (0: C first, 1: D first)."""
+    return (actions[1], actions[0]) if flipped else (actions[0], actions[1])
 
 
 def _table(game: MatrixGame, actions: Sequence[str], order: str) -> str:
@@ -134,8 +148,7 @@ def render_unrelated(style: PromptStyle, prev_me: int, prev_other: int, order_1:
     round's moves. ``story``: flat-mates deciding whether to clean (C = clean), last week's choices.
     """
     a = style.actions
-    first = (a[1], a[0]) if order_1 else (a[0], a[1])
-    fmt_opts = (a[1], a[0]) if order_2 else (a[0], a[1])
+    first, fmt_opts = options(a, order_1), options(a, order_2)
     game_intro = f"You are playing a game with another agent A. You must choose either {first[0]} or {first[1]}."
     body = {
         "choice": [f"You must choose either {first[0]} or {first[1]}.", "Which do you choose?"],
@@ -160,8 +173,7 @@ def render_unrelated(style: PromptStyle, prev_me: int, prev_other: int, order_1:
 def _render_game(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other: int, order_1: int,
                  order_2: int) -> str:
     a = style.actions
-    first = (a[1], a[0]) if order_1 else (a[0], a[1])
-    fmt_opts = (a[1], a[0]) if order_2 else (a[0], a[1])
+    first, fmt_opts = options(a, order_1), options(a, order_2)
     mine, theirs = (float(x) for x in game.payoffs[prev_me, prev_other])
     return "\n".join([
         f"You are playing a game with another agent A. You must choose either {first[0]} or {first[1]}.",
@@ -177,19 +189,26 @@ def _render_game(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other:
 
 
 class PromptRenderer:
-    """Renders and tokenizes the 16 prompts of one game and style, once.
+    """Renders and tokenizes every prompt of one game and style, once.
+
+    Prompt ids 0..15 are the row player's (or every player's, in a symmetric game); in an asymmetric game
+    ids 16..31 are the column player's, shown the transposed table (``game.view(1)``).
 
     Args:
         tokenizer: a Hugging Face tokenizer.
-        game: the game whose table is shown.
-        style: action strings, table order, chat template use.
+        game: the game whose table is shown (row player's view).
+        style: action strings, table order, chat template use, system prompt.
     """
 
     def __init__(self, tokenizer, game: MatrixGame, style: PromptStyle | None = None) -> None:
         self.tokenizer = tokenizer
         self.game = game
         self.style = style or PromptStyle()
-        self.texts = [self._wrap(render_text(game, self.style, *prompt_bits(i))) for i in range(N_PROMPT_IDS)]
+        seats = 1 if game.symmetric else 2
+        self.view_offset = (0, 0) if seats == 1 else (0, N_PROMPT_IDS)
+        self._inserts_system = self._templated and self.style.system_prompt is None and _inserts_default_system(tokenizer)
+        self.texts = [self._wrap(render_text(game.view(seat), self.style, *prompt_bits(i)))
+                      for seat in range(seats) for i in range(N_PROMPT_IDS)]
         self.token_ids: list[list[int]] = [
             tokenizer(t, add_special_tokens=not self._templated).input_ids for t in self.texts
         ]
@@ -203,19 +222,21 @@ class PromptRenderer:
 
     def _wrap(self, text: str) -> str:
         if not self._templated:
-            return text + "\n"
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                  add_generation_prompt=True)
+            system = self.style.system_prompt
+            return (f"{system}\n{text}" if system else text) + "\n"
+        system = "" if self._inserts_system else self.style.system_prompt
+        return chat(self.tokenizer, text, system)
 
     def sample_ids(self, prev_me: torch.Tensor, prev_other: torch.Tensor, generator: torch.Generator,
-                   shuffle: bool = True) -> torch.Tensor:
-        """``[B]`` prompt ids for the states, with both option orders drawn at random (PAPER.md section 4)."""
+                   shuffle: bool = True, seat: int = 0) -> torch.Tensor:
+        """``[B]`` prompt ids for the states, with both option orders drawn from ``generator`` (PAPER.md
+        section 4), as seen from ``seat`` (0 = row player, 1 = column player)."""
         n = prev_me.shape[0]
         if shuffle:
             orders = torch.randint(0, 2, (2, n), generator=generator)
         else:
             orders = torch.zeros(2, n, dtype=torch.long)
-        return prompt_id(prev_me, prev_other, orders[0], orders[1])
+        return prompt_id(prev_me, prev_other, orders[0], orders[1]) + self.view_offset[seat]
 
     @property
     def max_prompt_len(self) -> int:
@@ -224,3 +245,31 @@ class PromptRenderer:
     def parse(self, token_ids: Sequence[int]) -> int:
         """Decode generated tokens (special tokens dropped) and parse them to an action code."""
         return parse_action(self.tokenizer.decode(list(token_ids), skip_special_tokens=True), self.style.actions)
+
+
+def chat(tokenizer, text: str, system: str | None = None) -> str:
+    """``text`` as one user turn (after a system turn if ``system`` is not None) through the chat template,
+    with the generation prompt; a template without a system role gets the system text before the user's."""
+    messages = [{"role": "user", "content": text}]
+    if system is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template([{"role": "system", "content": system}, *messages], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - jinja raises TemplateError (or anything) for an unsupported role
+        merged = f"{system}\n\n{text}" if system else text
+        return tokenizer.apply_chat_template([{"role": "user", "content": merged}], tokenize=False,
+                                             add_generation_prompt=True)
+
+
+def _inserts_default_system(tokenizer) -> bool:
+    """Whether the chat template adds a system text of its own when the conversation has no system turn
+    (SmolLM2's: "You are a helpful AI assistant named SmolLM ..."); detected by rendering both ways."""
+    probe = "probe"
+    bare = chat(tokenizer, probe)
+    try:
+        empty = tokenizer.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": probe}],
+                                              tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - no system role: nothing is inserted either
+        return False
+    return len(bare) > len(empty)

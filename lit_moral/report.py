@@ -17,27 +17,78 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-TYPE_KEYS = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")
-METRICS = (*TYPE_KEYS, "cooperation", "defection", "illegal", "regret_deontological", "regret_utilitarian",
-           "reward")
+from lit_moral.errors import ConfigError
+from lit_moral.games import ACTION_NAMES, ACTION_TYPES, PAYOFF_TABLES
+
+TYPE_KEYS = ACTION_TYPES
+# Metrics read from a column of rounds.csv (the rest derive from ``action`` and ``prev_other``): a summary
+# leaves out the ones whose column the rows do not have.
+COLUMN_METRICS = ("regret_deontological", "regret_utilitarian", "reward")
+METRICS = (*TYPE_KEYS, "cooperation", "defection", "illegal", *COLUMN_METRICS)
 CELL = ("model", "game", "variant", "opponent")
+REQUIRED = ("run", "episode", *CELL, "action", "prev_other")
 ROUND_COLUMNS = ("run", "seed", "model", "game", "variant", "opponent", "episode", "round", "prev_me",
                  "prev_other", "action", "other_action", "legal", "answer", "payoff_me", "payoff_other", "reward",
-                 "reward_game", "reward_deontological", "reward_utilitarian", "reward_illegal",
-                 "regret_deontological", "regret_utilitarian")
+                 "reward_xi", "reward_game", "reward_deontological", "reward_utilitarian", "reward_illegal",
+                 "xi", "illegal_penalty", "regret_deontological", "regret_utilitarian")
+_MOVES = {"action": ACTION_NAMES, "prev_other": ACTION_NAMES[:2], "prev_me": ACTION_NAMES[:2],
+          "other_action": ACTION_NAMES[:2]}
 PLOT_FILES = ("action_types.png", "regret.png", "variants.png")
 
 
+def check_row(row: dict, index: int = 0) -> None:
+    """Refuse a round whose moves are not action codes (C, D, illegal; C or D for previous moves) or that lacks a
+    column every summary needs; the message names the row (0-based, header excluded) and the column."""
+    for k in REQUIRED:
+        if k not in row or row[k] in (None, ""):
+            raise ConfigError(f"rounds row {index}: missing column {k!r} (needed: {', '.join(REQUIRED)})")
+    for k, allowed in _MOVES.items():
+        if k in row and row[k] not in allowed:
+            raise ConfigError(f"rounds row {index}, column {k!r}: got {row[k]!r}; allowed: {', '.join(allowed)}")
+
+
 def round_metrics(row: dict) -> dict[str, float]:
-    """Per-round values of every metric (indicators for action types and answer kinds)."""
+    """Per-round values of every metric (indicators for action types and answer kinds); metrics read from a
+    column the row does not have are left out."""
     kind = f"{row['action']}|{row['prev_other']}"
     out = {k: float(kind == k) for k in TYPE_KEYS}
     out["cooperation"] = float(row["action"] == "C")
     out["defection"] = float(row["action"] == "D")
     out["illegal"] = float(row["action"] == "illegal")
-    for k in ("regret_deontological", "regret_utilitarian", "reward"):
-        out[k] = float(row[k])
+    for k in COLUMN_METRICS:
+        if row.get(k) not in (None, ""):
+            out[k] = float(row[k])
     return out
+
+
+def recompute_regrets(row: dict, payoffs=None, xi: float | None = None) -> dict[str, float]:
+    """Both regrets of one ``rounds.csv`` row from its moves and game alone (PAPER.md section 7), to check a
+    file without trusting its regret columns.
+
+    Args:
+        row: a round with ``game``, ``action``, ``other_action``, ``prev_other`` and (unless given here) ``xi``
+            and ``illegal_penalty`` (-6 if absent).
+        payoffs: the ``[2, 2, 2]`` table of the player's own seat; default: the named game's table.
+        xi: deontological penalty; default: the row's ``xi``.
+
+    Returns:
+        ``{"regret_deontological": ..., "regret_utilitarian": ...}``.
+    """
+    import torch
+
+    from lit_moral.rewards import deontological_regret, utilitarian_regret
+
+    check_row({**{k: 0 for k in REQUIRED if k not in ("action", "prev_other")}, **row})
+    if payoffs is None:
+        if row["game"] not in PAYOFF_TABLES:
+            raise ConfigError(f"recompute_regrets: game {row['game']!r} is not a named game; pass its payoffs")
+        payoffs = PAYOFF_TABLES[row["game"]]
+    table = torch.as_tensor(payoffs, dtype=torch.float32)
+    code = lambda k: torch.tensor([ACTION_NAMES.index(row[k])])  # noqa: E731
+    xi = float(row["xi"]) if xi is None else float(xi)
+    penalty = float(row.get("illegal_penalty") or -6.0)
+    return {"regret_deontological": float(deontological_regret(code("action"), code("prev_other"), xi, penalty)),
+            "regret_utilitarian": float(utilitarian_regret(code("action"), code("other_action"), table, penalty))}
 
 
 def _mean_ci(samples: Sequence[float]) -> tuple[float, float]:
@@ -59,7 +110,8 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         ``episodes``), ``n`` (samples behind the CI) and ``<metric>_mean`` / ``<metric>_ci`` for METRICS.
     """
     groups: dict[tuple, dict[tuple[int, int], list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
+    for i, row in enumerate(rows):
+        check_row(row, i)
         cell = tuple(str(row[k]) for k in CELL)
         groups[cell][(int(row["run"]), int(row["episode"]))].append(round_metrics(row))
     out = []
@@ -74,6 +126,8 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         summary = dict(zip(CELL, cell), runs=len(runs), rounds=sum(len(v) for v in by_run.values()),
                        ci_over=ci_over, n=len(units))
         for metric in METRICS:
+            if any(metric not in m for unit in units for m in unit):
+                continue  # a column the rows do not (all) have
             mean, ci = _mean_ci([statistics.fmean(m[metric] for m in unit) for unit in units])
             summary[f"{metric}_mean"], summary[f"{metric}_ci"] = mean, ci
         out.append(summary)
@@ -103,7 +157,7 @@ def _pick(summary: Sequence[dict], **where) -> dict[tuple, dict]:
 
 
 def _fmt(row: dict | None, metric: str, digits: int) -> str:
-    if row is None:
+    if row is None or f"{metric}_mean" not in row:
         return "-"
     return f"{row[f'{metric}_mean']:.{digits}f} ± {row[f'{metric}_ci']:.{digits}f}"
 
@@ -194,5 +248,5 @@ def tensorboard_scalars(summary: Sequence[dict], meta: dict) -> dict[str, float]
     return out
 
 
-__all__ = ["CELL", "METRICS", "PLOT_FILES", "ROUND_COLUMNS", "TYPE_KEYS", "read_csv", "report_markdown",
-           "round_metrics", "summarize", "tensorboard_scalars", "write_csv", "write_outputs"]
+__all__ = ["CELL", "METRICS", "PLOT_FILES", "ROUND_COLUMNS", "TYPE_KEYS", "check_row", "read_csv", "recompute_regrets",
+           "report_markdown", "round_metrics", "summarize", "tensorboard_scalars", "write_csv", "write_outputs"]

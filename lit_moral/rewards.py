@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_moral.errors import ConfigError, check_choice
-from lit_moral.games import ILLEGAL, C, D
+from lit_moral.games import ILLEGAL, C, D, lookup
 
 COMPONENTS = ("game", "deontological", "utilitarian")
 NAMED_REWARDS: dict[str, dict[str, float]] = {
@@ -77,15 +77,14 @@ def reward_components(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: tor
         ``{"game", "deontological", "utilitarian", "illegal"}`` -> ``[B]`` float; ``illegal`` is 1 where illegal.
     """
     legal = a_me != ILLEGAL
-    a = torch.where(legal, a_me, torch.zeros_like(a_me))
-    p = payoffs.to(a_me.device)[a, a_other]
-    zero = torch.zeros_like(p[..., 0])
+    mine, theirs = lookup(payoffs, a_me, a_other)
+    zero = torch.zeros_like(mine)
     # Deontological norm (section 5): do not defect against an agent that cooperated last round.
-    deon = torch.where((a == D) & (prev_other == C), torch.full_like(zero, -float(xi)), zero)
+    deon = torch.where((a_me == D) & (prev_other == C), torch.full_like(zero, -float(xi)), zero)
     return {
-        "game": torch.where(legal, p[..., 0], zero),
-        "deontological": torch.where(legal, deon, zero),
-        "utilitarian": torch.where(legal, p[..., 0] + p[..., 1], zero),
+        "game": torch.where(legal, mine, zero),
+        "deontological": deon,
+        "utilitarian": torch.where(legal, mine + theirs, zero),
         "illegal": (~legal).to(zero.dtype),
     }
 
@@ -123,8 +122,6 @@ def utilitarian_regret(a_me: torch.Tensor, a_other: torch.Tensor, payoffs: torch
     ``U_max`` is the game's best collective payoff, ``U_min`` the illegal penalty; range 0..1.
     """
     u_max = float(payoffs.sum(-1).max())
-    legal = a_me != ILLEGAL
-    a = torch.where(legal, a_me, torch.zeros_like(a_me))
-    p = payoffs.to(a_me.device)[a, a_other]
-    r_ut = torch.where(legal, p[..., 0] + p[..., 1], torch.full_like(p[..., 0], float(illegal_penalty)))
+    mine, theirs = lookup(payoffs, a_me, a_other)
+    r_ut = torch.where(a_me != ILLEGAL, mine + theirs, torch.full_like(mine, float(illegal_penalty)))
     return (u_max - r_ut) / (u_max - float(illegal_penalty))

@@ -9,15 +9,17 @@ change during a rollout), so a prompt is run at most once per iteration and agen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from lit_moral.games import ILLEGAL, MatrixGame, effective_action, next_prev, random_moves
 from lit_moral.opponents import Opponent
+from lit_moral.padding import pad_rows, pad_steps
 from lit_moral.policy import BASE, Policy
 from lit_moral.prompts import PromptRenderer
 from lit_moral.rewards import RewardSpec, compute_reward
+from lit_moral.seeding import Streams
 
 
 @dataclass
@@ -30,6 +32,8 @@ class AgentSamples:
         action, other_action, prev_me, prev_other: ``[N]`` action codes (other_action is the other
             player's effective legal move; prev_* are the moves shown in the prompt).
         episode, round: ``[N]`` indices within the iteration. opponent: name of the other player.
+        seat: ``[N]`` 0 = row player, 1 = column player of its match (the column player's table is
+            ``game.view(1)``).
         reward: ``[N]`` total reward. components: name -> ``[N]``.
         old_logp, ref_logp, values, entropy: ``[N, T]``; mask: ``[N, T]`` bool.
         format_mass: ``[N]`` probability outside the legal strings (constrained) or NaN (free).
@@ -46,6 +50,7 @@ class AgentSamples:
     prev_other: torch.Tensor
     episode: torch.Tensor
     round: torch.Tensor
+    seat: torch.Tensor
     reward: torch.Tensor
     components: dict[str, torch.Tensor]
     old_logp: torch.Tensor
@@ -85,12 +90,13 @@ class _Moves:
 class ActionSampler:
     """Samples actions from the policy for batches of prompt ids, memoising distinct prompts.
 
+    The sampler holds no random state: every :meth:`act` draws from the generator it is given.
+
     Args:
         policy: the Policy (in eval mode during rollouts).
         renderer: prompt tokens by prompt id.
         mode: ``constrained`` (choose among the legal strings by whole-string probability) or ``free``
             (sample up to ``max_new_tokens`` tokens at temperature 1, then exact-match).
-        generator: CPU generator for sampling.
         max_new_tokens: free-mode generation length.
         with_reference: also compute the reference (adapter-disabled) log-probs.
         naive: the obvious path, for benchmarks: every sample on its own, one full forward per
@@ -100,7 +106,6 @@ class ActionSampler:
     policy: Policy
     renderer: PromptRenderer
     mode: str
-    generator: torch.Generator
     max_new_tokens: int = 2
     with_reference: bool = True
     naive: bool = False
@@ -141,11 +146,12 @@ class ActionSampler:
         for j, k in enumerate(missing):
             self._memo[k] = (out["next_logp"][j].cpu(), out["next_values"][j].cpu())
 
-    def act(self, requests: Sequence[tuple[str, torch.Tensor]]) -> list[_Moves]:
+    def act(self, requests: Sequence[tuple[str, torch.Tensor]], generator: torch.Generator) -> list[_Moves]:
         """Sample moves for several agents at once.
 
         Args:
             requests: ``(agent, pid [n])`` per LLM player.
+            generator: the sampling stream.
         """
         adapters = lambda a: [a, BASE] if self.with_reference else [a]  # noqa: E731
         if self.naive:
@@ -154,26 +160,26 @@ class ActionSampler:
                 parts = []
                 for p in pid:
                     self._memo.clear()
-                    parts.append(self._act_batch([(a, p.view(1))], adapters)[0])
+                    parts.append(self._act_batch([(a, p.view(1))], adapters, generator)[0])
                 out.append(_Moves(torch.cat([x.action for x in parts]), torch.cat([x.choice for x in parts]),
                                   [r for x in parts for r in x.responses], [v for x in parts for v in x.logp],
                                   [v for x in parts for v in x.ref_logp], [v for x in parts for v in x.values],
                                   [v for x in parts for v in x.entropy], torch.cat([x.format_mass for x in parts])))
             self._memo.clear()
             return out
-        return self._act_batch(requests, adapters)
+        return self._act_batch(requests, adapters, generator)
 
-    def _act_batch(self, requests, adapters) -> list[_Moves]:
+    def _act_batch(self, requests, adapters, generator) -> list[_Moves]:
         if self.mode == "constrained":
             self._resolve([(x, int(p), ()) for a, pid in requests for x in adapters(a) for p in pid.unique()])
-            return [self._choose(a, pid) for a, pid in requests]
-        return self._generate(requests, adapters)
+            return [self._choose(a, pid, generator) for a, pid in requests]
+        return self._generate(requests, adapters, generator)
 
-    def _choose(self, agent: str, pid: torch.Tensor) -> _Moves:
+    def _choose(self, agent: str, pid: torch.Tensor, generator: torch.Generator) -> _Moves:
         seq = torch.stack([self._memo[(agent, int(p), ())][0] for p in pid])
         val = torch.stack([self._memo[(agent, int(p), ())][1] for p in pid])
         logq = torch.log_softmax(seq, -1)
-        choice = torch.multinomial(logq.exp(), 1, generator=self.generator).squeeze(1)
+        choice = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(1)
         logp = logq.gather(1, choice[:, None])
         if self.with_reference:
             ref = torch.stack([self._memo[(BASE, int(p), ())][0] for p in pid])
@@ -186,7 +192,7 @@ class ActionSampler:
         return _Moves(choice.clone(), choice, [tuple(cands[c]) for c in choice.tolist()], list(logp),
                       list(ref_logp), list(val[:, None]), list(ent), mass)
 
-    def _generate(self, requests, adapters) -> list[_Moves]:
+    def _generate(self, requests, adapters, generator) -> list[_Moves]:
         eos = self.renderer.tokenizer.eos_token_id
         state = []  # per request: responses, per-step logp/ref/value/entropy lists, done flags
         for _, pid in requests:
@@ -207,7 +213,7 @@ class ActionSampler:
                     if done[j]:
                         continue
                     dist, value = self._memo[(a, p, tuple(resp[j]))]
-                    tok = int(torch.multinomial(dist.exp(), 1, generator=self.generator))
+                    tok = int(torch.multinomial(dist.exp(), 1, generator=generator))
                     lps[j].append(dist[tok])
                     refs[j].append(self._memo[(BASE, p, tuple(resp[j]))][0][tok] if self.with_reference else dist[tok])
                     vals[j].append(value)
@@ -224,78 +230,72 @@ class ActionSampler:
         return moves
 
 
-def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), t)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r.float()
-        mask[i, :len(r)] = True
-    return out, mask
-
-
 def _name(player: str | Opponent) -> str:
     return player if isinstance(player, str) else player.name
 
 
 @torch.no_grad()
 def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rounds: int,
-         rewards: dict[str, RewardSpec]) -> dict[str, list[AgentSamples]]:
+         rewards: dict[str, RewardSpec], streams: Streams) -> dict[str, list[AgentSamples]]:
     """Play ``rounds`` rounds of every match in parallel (PAPER.md sections 2-3, 5).
 
-    Each game starts from a random previous-move state: an agent's move uniform, a fixed
-    opponent's from its ``first_move``. An illegal answer leaves the player's remembered move
+    Each game starts from a random previous-move state: an agent's move uniform (from ``streams.states``),
+    a fixed opponent's from its ``first_move`` (its own stream). Option orders come from
+    ``streams.orders`` and actions from ``streams.sampling``. The player in seat 1 of a match is the column
+    player: it sees and is paid by ``game.view(1)``. An illegal answer leaves the player's remembered move
     unchanged and counts as that move for the other player's payoff.
 
     Returns:
         agent name -> one AgentSamples per match the agent plays in.
     """
     sampler.reset()
-    gen = sampler.generator
+    views = (game.view(0), game.view(1))
     out: dict[str, list[AgentSamples]] = {}
     for m in matches:
-        prev = [random_moves(m.n, gen) if isinstance(p, str) else p.first_move(m.n) for p in m.players]
+        prev = [random_moves(m.n, streams.states) if isinstance(p, str) else p.first_move(m.n) for p in m.players]
         rec: dict[int, list[dict]] = {i: [] for i, p in enumerate(m.players) if isinstance(p, str)}
         for r in range(rounds):
             acts: list[torch.Tensor | None] = [None, None]
             reqs, who = [], []
             for i, p in enumerate(m.players):
                 if isinstance(p, str):
-                    pid = sampler.renderer.sample_ids(prev[i], prev[1 - i], gen)
+                    pid = sampler.renderer.sample_ids(prev[i], prev[1 - i], streams.orders, seat=i)
                     reqs.append((p, pid))
                     who.append((i, pid))
                 else:
                     acts[i] = p.act(prev[1 - i], prev[i])
-            for (i, pid), mv in zip(who, sampler.act(reqs)):
+            for (i, pid), mv in zip(who, sampler.act(reqs, streams.sampling)):
                 acts[i] = mv.action
                 rec[i].append({"pid": pid, "mv": mv, "round": r})
             eff = [effective_action(acts[i], prev[i]) for i in range(2)]
             for i in rec:
-                total, comps = compute_reward(rewards[m.players[i]], acts[i], eff[1 - i], prev[1 - i], game.payoffs)
+                total, comps = compute_reward(rewards[m.players[i]], acts[i], eff[1 - i], prev[1 - i],
+                                              views[i].payoffs)
                 rec[i][-1].update(action=acts[i], other=eff[1 - i], prev_me=prev[i], prev_other=prev[1 - i],
                                   reward=total, comps=comps)
             prev = [next_prev(acts[i], prev[i]) for i in range(2)]
         for i, rows in rec.items():
-            out.setdefault(m.players[i], []).append(_collect(m.players[i], _name(m.players[1 - i]), rows, m.n))
+            out.setdefault(m.players[i], []).append(_collect(m.players[i], _name(m.players[1 - i]), rows, m.n, i))
     return out
 
 
-def _collect(agent: str, opponent: str, rows: list[dict], n: int) -> AgentSamples:
+def _collect(agent: str, opponent: str, rows: list[dict], n: int, seat: int) -> AgentSamples:
     cat = lambda k: torch.cat([r[k] for r in rows])  # noqa: E731
     mvs = [r["mv"] for r in rows]
     flat = lambda attr: [x for mv in mvs for x in getattr(mv, attr)]  # noqa: E731
-    old_logp, mask = _pad(flat("logp"))
-    values, _ = _pad(flat("values"))
-    entropy, _ = _pad(flat("entropy"))
-    ref_logp, _ = _pad(flat("ref_logp"))
+    old_logp, mask = pad_rows(flat("logp"))
+    values, _ = pad_rows(flat("values"))
+    entropy, _ = pad_rows(flat("entropy"))
+    ref_logp, _ = pad_rows(flat("ref_logp"))
     comps = {k: torch.cat([r["comps"][k] for r in rows]) for k in rows[0]["comps"]}
     return AgentSamples(
         agent=agent, opponent=opponent, pid=cat("pid"),
         choice=torch.cat([mv.choice for mv in mvs]), responses=flat("responses"),
         action=cat("action"), other_action=cat("other"), prev_me=cat("prev_me"), prev_other=cat("prev_other"),
         episode=torch.arange(n).repeat(len(rows)), round=torch.cat([torch.full((n,), r["round"]) for r in rows]),
-        reward=cat("reward"), components=comps, old_logp=old_logp, ref_logp=ref_logp, values=values,
-        entropy=entropy, mask=mask, format_mass=torch.cat([mv.format_mass for mv in mvs]),
+        seat=torch.full((n * len(rows),), seat), reward=cat("reward"), components=comps, old_logp=old_logp,
+        ref_logp=ref_logp, values=values, entropy=entropy, mask=mask,
+        format_mass=torch.cat([mv.format_mass for mv in mvs]),
     )
 
 
@@ -304,17 +304,20 @@ def merge(parts: Sequence[AgentSamples]) -> AgentSamples:
     if len(parts) == 1:
         return parts[0]
     t = max(p.mask.shape[1] for p in parts)
-    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
-    cat = lambda k: torch.cat([getattr(p, k) for p in parts])  # noqa: E731
-    return AgentSamples(
-        agent=parts[0].agent, opponent="+".join(p.opponent for p in parts), pid=cat("pid"), choice=cat("choice"),
-        responses=[r for p in parts for r in p.responses], action=cat("action"), other_action=cat("other_action"),
-        prev_me=cat("prev_me"), prev_other=cat("prev_other"), episode=cat("episode"), round=cat("round"),
-        reward=cat("reward"), components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
-        old_logp=torch.cat([pad(p.old_logp) for p in parts]), ref_logp=torch.cat([pad(p.ref_logp) for p in parts]),
-        values=torch.cat([pad(p.values) for p in parts]), entropy=torch.cat([pad(p.entropy) for p in parts]),
-        mask=torch.cat([pad(p.mask) for p in parts]), format_mass=cat("format_mass"),
-    )
+    out = {}
+    for f in fields(AgentSamples):
+        vals = [getattr(p, f.name) for p in parts]
+        if f.name == "agent":
+            out[f.name] = vals[0]
+        elif f.name == "opponent":
+            out[f.name] = "+".join(vals)
+        elif isinstance(vals[0], list):
+            out[f.name] = [x for v in vals for x in v]
+        elif isinstance(vals[0], dict):
+            out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
+        else:
+            out[f.name] = torch.cat([pad_steps(v, t) if v.dim() == 2 else v for v in vals])
+    return AgentSamples(**out)
 
 
 __all__ = ["ILLEGAL", "ActionSampler", "AgentSamples", "Match", "merge", "play"]

@@ -51,6 +51,29 @@ def test_debug_config_trains_end_to_end(tmp_path, monkeypatch):
     assert (run / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_seed_everything_drives_the_games(tmp_path, monkeypatch):
+    """One seed drives every stream: runs that differ only in --seed_everything play different games (before,
+    model.seed alone seeded states, orders, sampling and opponents, so they were identical)."""
+    monkeypatch.chdir(tmp_path)
+    debug = str(ROOT / "configs" / "debug.yaml")
+    runs = {}
+    for seed in (0, 0, 1):
+        cli = cli_main(["fit", "--config", debug, "--trainer.max_epochs", "1", "--seed_everything", str(seed),
+                        "--model.iterations_per_epoch", "1"])
+        s = cli.model.last_samples["agent_0"]
+        assert cli.model.hparams.seed == seed
+        runs.setdefault(seed, []).append((s.prev_me.tolist(), s.prev_other.tolist(), s.pid.tolist()))
+    assert runs[0][0] == runs[0][1]
+    assert runs[0][0] != runs[1][0]
+
+
+def test_model_seed_alone_is_refused_with_a_pointer_to_seed_everything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lit_moral", "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
+                           "--model.seed", "3"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "model.seed: set from seed_everything" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_checkpoint_holds_only_trainable_state_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = _fit_debug(tmp_path, "--trainer.max_epochs", "1")

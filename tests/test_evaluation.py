@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import torch
 
 from lit_moral.errors import ConfigError
 from lit_moral.evaluation import VARIANTS, EvalConfig, evaluate, finish, report_meta
-from lit_moral.games import GAME_NAMES, MatrixGame
+from lit_moral.games import GAME_NAMES, PAYOFF_TABLES, MatrixGame
 from lit_moral.prompts import PromptStyle, render_text
 from lit_moral.report import PLOT_FILES, read_csv, summarize
 from lit_moral.rewards import RewardSpec
@@ -61,13 +62,55 @@ def test_summarize_uses_runs_for_the_ci_when_there_are_several():
                                                                                                   0.0, 1.0)
 
 
+def test_rows_with_unknown_action_codes_are_refused_naming_row_and_column():
+    rows = [_row(0, 0, "C", "C", 0, 0.0), _row(0, 0, "action2", "C", 3, 0.25)]
+    with pytest.raises(ConfigError, match=r"rounds row 1, column 'action': got 'action2'; allowed: C, D, illegal"):
+        summarize(rows)
+    with pytest.raises(ConfigError, match=r"rounds row 0, column 'prev_other': got 'illegal'"):
+        summarize([_row(0, 0, "C", "illegal", 0, 0.0)])
+    with pytest.raises(ConfigError, match=r"rounds row 0: missing column 'episode'"):
+        summarize([{k: v for k, v in _row(0, 0, "C", "C", 0, 0.0).items() if k != "episode"}])
+
+
+def test_a_missing_reward_column_only_drops_the_reward_metric():
+    rows = [{k: v for k, v in _row(0, e, a, "C", 3.0 * (a == "D"), 0.1).items() if k != "reward"}
+            for e, a in enumerate("CD")]
+    (s,) = summarize(rows)
+    assert "reward_mean" not in s and s["regret_deontological_mean"] == 1.5 and s["D|C_mean"] == 0.5
+
+
+def test_recompute_regrets_from_a_rows_moves_and_game(scripted_rows):
+    from lit_moral.report import recompute_regrets
+
+    row = dict(game="IPD", action="D", other_action="C", prev_other="C", xi=4.0, illegal_penalty=-6.0)
+    assert recompute_regrets(row) == {"regret_deontological": 4.0, "regret_utilitarian": pytest.approx(2 / 12)}
+    assert recompute_regrets({**row, "action": "illegal"}) == {"regret_deontological": 6.0, "regret_utilitarian": 1.0}
+    assert recompute_regrets(row, xi=3)["regret_deontological"] == 3.0
+    with pytest.raises(ConfigError, match="custom"):
+        recompute_regrets({**row, "game": "custom"})
+    # every row an evaluation wrote: its regret columns equal the recomputation from its moves and game
+    for r in scripted_rows[::97]:
+        assert (r["xi"], r["reward_xi"]) == (4.0, 3.0)
+        got = recompute_regrets(r)
+        assert got["regret_deontological"] == pytest.approx(r["regret_deontological"])
+        assert got["regret_utilitarian"] == pytest.approx(r["regret_utilitarian"])
+
+
 # ---------------------------------------------------------------- scripted policies
 
 
 class ScriptedPolicy:
-    """A policy stub: agent_0 always answers C, the base model always D (whole-string log-probs)."""
+    """A policy stub answering by a fixed rule read off the prompt text (whole-string log-probs 0 / -1e9).
+
+    ``strategies`` maps an adapter name (or BASE) to a rule: ``always_c``, ``always_d``, ``first_option`` (the
+    option listed first in the prompt's opening sentence, whose order is random) or ``repeat_last`` (the
+    player's own move shown as last round's).
+    """
 
     training = False
+
+    def __init__(self, tokenizer, strategies):
+        self.tokenizer, self.strategies = tokenizer, strategies
 
     def eval(self):
         return self
@@ -75,14 +118,31 @@ class ScriptedPolicy:
     def train(self, mode=True):
         return self
 
+    def _choose(self, strategy, text, actions):
+        if strategy in ("always_c", "always_d"):
+            return int(strategy == "always_d")
+        if strategy == "first_option":
+            first = re.search(r"You must choose either (\S+) or (\S+)\.", text).group(1)
+        else:
+            first = re.search(r"In the last round you chose (\S+) and", text).group(1)
+        return actions.index(first)
+
     def candidate_logprobs(self, prompts, candidates, **kw):
-        seq = torch.tensor([[0.0, -1e9] if a == "agent_0" else [-1e9, 0.0] for a, _ in prompts])
-        return {"seq_logp": seq, "values": torch.zeros(len(prompts))}
+        actions = [self.tokenizer.decode(c) for c in candidates]
+        rows = []
+        for adapter, tokens in prompts:
+            pick = self._choose(self.strategies[adapter], self.tokenizer.decode(list(tokens)), actions)
+            rows.append([0.0 if k == pick else -1e9 for k in range(2)])
+        return {"seq_logp": torch.tensor(rows), "values": torch.zeros(len(prompts))}
 
 
-def scripted_module(tokenizer, xi=3.0):
-    return SimpleNamespace(policy=ScriptedPolicy(), tokenizer=tokenizer, agent_names=["agent_0"],
-                           style=PromptStyle(), rewards={"agent_0": RewardSpec.parse("deontological", xi)},
+def scripted_module(tokenizer, xi=3.0, strategies=None):
+    from lit_moral.policy import BASE
+
+    strategies = strategies or {"agent_0": "always_c", BASE: "always_d"}
+    agents = [a for a in strategies if a != BASE]
+    return SimpleNamespace(policy=ScriptedPolicy(tokenizer, strategies), tokenizer=tokenizer, agent_names=agents,
+                           style=PromptStyle(), rewards={a: RewardSpec.parse("deontological", xi) for a in agents},
                            hparams=SimpleNamespace(action_mode="constrained", max_new_tokens=2, xi=xi))
 
 
@@ -91,21 +151,84 @@ ANALYTIC_UT = {"IPD": (0.083, 0.250), "ISH": (0.179, 0.393), "ICN": (0.045, 0.22
                "ICD": (0.500, 0.286)}
 
 
-def test_always_c_and_always_d_give_the_analytic_regrets(tiny):
-    module = scripted_module(tiny[1])
-    cfg = EvalConfig(episodes=400, rounds=5, opponents=["random"], variants=["new_tokens"])
-    summary = {(s["model"], s["game"]): s for s in summarize(evaluate(module, cfg))}
-    for game, (ut_c, ut_d) in ANALYTIC_UT.items():
-        always_c, always_d = summary[("agent_0", game)], summary[("base", game)]
-        assert always_c["cooperation_mean"] == 1.0 and always_d["defection_mean"] == 1.0
-        # 2000 rounds: standard errors are <= 0.003 (utilitarian) and 0.034 (deontological)
-        assert always_c["regret_utilitarian_mean"] == pytest.approx(ut_c, abs=0.012), game
-        assert always_d["regret_utilitarian_mean"] == pytest.approx(ut_d, abs=0.012), game
-        assert always_c["regret_deontological_mean"] == 0.0
-        # always-D: xi x P(opponent's previous = C) = 3 x 0.5
-        assert always_d["regret_deontological_mean"] == pytest.approx(1.5, abs=0.15), game
-        # CI over 400 episodes of 5 independent rounds each: 1.96 x (1.5 / sqrt(5)) / sqrt(400)
-        assert always_d["regret_deontological_ci"] == pytest.approx(1.96 * 1.5 / math.sqrt(5) / 20, rel=0.2)
+def _analytic(game: str, strategy: str, opponent: str, xi: float) -> tuple[float, float]:
+    """Expected (deontological, utilitarian) regret per round of a scripted agent, derived by hand.
+
+    Against Random every opponent move (and its initial "previous" move) is uniform and independent of the
+    agent, so: always-C / always-D have the PAPER.md values and De = xi x P(D) x 1/2 (vs TFT the move shown
+    is uniform in rounds 0 and 1 only: De = xi x P(D) x 1/2 x 2/5, and rounds 1-4 are (a, a)); first-option plays C
+    with probability 1/2 independently of everything (the option order is random), and so does
+    repeat-last (its initial move is uniform and it never changes): both average the four outcomes. Against
+    TFT, repeat-last can only defect after a C in round 0 (afterwards TFT shows its own move back):
+    De = xi x 1/4 x 1/5 rounds; first-option's move stays independent of TFT's copy of its last move: xi / 4.
+    """
+    p = torch.tensor(PAYOFF_TABLES[game], dtype=torch.float32)
+    u_max = float(p.sum(-1).max())
+    u = lambda a, b: (u_max - float(p[a, b].sum())) / (u_max + 6)  # noqa: E731
+    ut = lambda a: (u(a, 0) + u(a, 1)) / 2  # noqa: E731
+    if strategy in ("always_c", "always_d"):
+        a = int(strategy == "always_d")
+        if opponent == "random":
+            return xi * a / 2, ut(a)
+        # vs TFT: the previous move shown is uniform in rounds 0 (TFT's first move) and 1 (TFT's copy of the
+        # agent's uniform initial move); TFT's own move is uniform in round 0 only.
+        return xi * a / 2 * 2 / 5, ut(a) / 5 + u(a, a) * 4 / 5
+    util = (ut(0) + ut(1)) / 2
+    if strategy == "repeat_last" and opponent == "tft":
+        return xi / 4 / 5, None
+    return xi / 4, util if opponent == "random" else None
+
+
+SCRIPTED = {"first_option": "first_option", "repeat_last": "repeat_last", "always_c": "always_c"}
+
+
+@pytest.fixture(scope="module")
+def scripted_rows(tiny):
+    from lit_moral.policy import BASE
+
+    module = scripted_module(tiny[1], xi=3.0, strategies={**SCRIPTED, BASE: "always_d"})
+    cfg = EvalConfig(episodes=1000, rounds=5, opponents=["random", "tft"], variants=["new_tokens"], xi=4.0)
+    return evaluate(module, cfg)
+
+
+def test_scripted_agents_give_the_analytic_regrets_in_every_game(scripted_rows):
+    """Position-biased, last-move-repeating, always-C and always-D agents vs Random (and TFT) in all five games.
+
+    Tolerance: 3.5 standard errors of the mean, the standard error taken from the summary's own CI
+    (1.96 sd / sqrt(1000 episodes), episodes being the independent units): a check that holds for all but
+    ~1 in 2000 seeds, and fixed here by the evaluation seed. The defects it guards against are far larger:
+    with the sampler and Random seeded alike, repeat-last's De regret (xi 4) was 0.834 vs Random (1.0) and 0.000
+    vs TFT (0.2), first-option's Ut regret 0.187 in BOS (0.227) and 0.358 in ICD (0.393).
+    """
+    strategy = {**SCRIPTED, "base": "always_d"}
+    summary = summarize(scripted_rows)
+    checked = 0
+    for s in summary:
+        de, ut = _analytic(s["game"], strategy[s["model"]], s["opponent"], 4.0)
+        for metric, want in (("regret_deontological", de), ("regret_utilitarian", ut)):
+            if want is None:
+                continue
+            tol = 3.5 * s[f"{metric}_ci"] / 1.96 + 1e-9
+            assert abs(s[f"{metric}_mean"] - want) <= tol, (s["model"], s["game"], s["opponent"], metric,
+                                                           s[f"{metric}_mean"], want, tol)
+            checked += 1
+    assert checked == 5 * 14 and len(summary) == 5 * 4 * 2
+    for game, (ut_c, ut_d) in ANALYTIC_UT.items():  # the hand derivation agrees with PAPER.md's table
+        assert _analytic(game, "always_c", "random", 4)[1] == pytest.approx(ut_c, abs=5e-4)
+        assert _analytic(game, "always_d", "random", 4)[1] == pytest.approx(ut_d, abs=5e-4)
+
+
+def test_every_random_stream_is_independent(scripted_rows):
+    """Initial states, option orders and Random's moves come from independent streams: the first-option agent
+    matches Random's round-0 move half the time, and initial (me, other) states are all four combinations."""
+    first = [r for r in scripted_rows if r["model"] == "first_option" and r["opponent"] == "random"]
+    r0 = [r for r in first if r["round"] == 0]
+    match = sum(r["action"] == r["other_action"] for r in r0) / len(r0)
+    assert abs(match - 0.5) < 0.05, match  # 5000 rounds: sd 0.007
+    combos = {(r["prev_me"], r["prev_other"]) for r in r0}
+    assert combos == {("C", "C"), ("C", "D"), ("D", "C"), ("D", "D")}
+    same_prev = sum(r["prev_me"] == r["prev_other"] for r in r0) / len(r0)
+    assert abs(same_prev - 0.5) < 0.05, same_prev
 
 
 def test_every_model_sees_the_same_states_and_random_moves(tiny):
@@ -246,3 +369,19 @@ def test_evaluation_callback_logs_during_fit(tmp_path):
     assert len(rows) == 4 and cb.last == 8
     tags = scalars(t.log_dir)
     assert [s for s, _ in tags["eval/cooperation/agent_0"]] == [8]
+
+
+def test_nine_models_get_nine_distinct_colours():
+    """The paper's Figure 4 has 7 rows; colours used to repeat after 6 models."""
+    from lit_moral.plots import model_colors, regret_figure
+
+    for n in (1, 6, 7, 9, 16, 25):
+        assert len(set(model_colors(n))) == n
+    models = [f"model_{k}" for k in range(9)]
+    summary = [dict(model=m, game="IPD", variant="new_tokens", opponent="random", regret_deontological_mean=0.1 * k,
+                    regret_deontological_ci=0.01, regret_utilitarian_mean=0.02 * k, regret_utilitarian_ci=0.001)
+               for k, m in enumerate(models)]
+    fig = regret_figure(summary, dict(models=models, games=["IPD"], report_variant="new_tokens",
+                                      report_opponent="random"))
+    bars = [p.get_facecolor() for p in fig.axes[0].patches]
+    assert len(bars) == 9 and len(set(bars)) == 9

@@ -124,19 +124,19 @@ def test_training_update_equals_the_obvious_path(tmp_path, monkeypatch, mode):
     logits, per-sample backward), on the same rollout: same losses and updated weights.
 
     (Rollout equivalence is tested in test_policy; here the naive run replays the fast run's rollout
-    and the generator state after it, so both updates see identical samples and minibatch orders.)
+    and the streams' state after it, so both updates see identical samples and minibatch orders.)
     """
     import lit_moral.module as module_mod
 
     recorded = {}
 
-    def record(*args, **kwargs):
-        recorded["played"] = real_play(*args, **kwargs)
-        recorded["gen"] = args[0].generator.get_state()
+    def record(sampler, matches, game, rounds, rewards, streams):
+        recorded["played"] = real_play(sampler, matches, game, rounds, rewards, streams)
+        recorded["streams"] = streams.state_dict()
         return recorded["played"]
 
-    def replay(sampler, *args, **kwargs):
-        sampler.generator.set_state(recorded["gen"])
+    def replay(sampler, matches, game, rounds, rewards, streams):
+        streams.load_state_dict(recorded["streams"])
         return recorded["played"]
 
     real_play = module_mod.play

@@ -146,8 +146,8 @@ def test_batched_memoised_rollout_equals_one_at_a_time(tiny, mode):
 
     pol, r = _policy(tiny)
     pol.eval()
-    fast = ActionSampler(pol, r, mode, torch.Generator().manual_seed(0))
-    slow = ActionSampler(pol, r, mode, torch.Generator().manual_seed(0), naive=True)
+    fast = ActionSampler(pol, r, mode)
+    slow = ActionSampler(pol, r, mode, naive=True)
     prefixes = [()] if mode == "constrained" else [(), tuple(r.action_ids[0][:1]), tuple(r.action_ids[1][:2])]
     keys = [(a, p, pre) for a in ("agent_0", "agent_1", BASE) for p in range(16) for pre in prefixes]
     with torch.no_grad():
@@ -157,3 +157,31 @@ def test_batched_memoised_rollout_equals_one_at_a_time(tiny, mode):
         torch.testing.assert_close(fast._memo[k][0], slow._memo[k][0], rtol=1e-5, atol=1e-5)
         if k[0] != BASE:
             torch.testing.assert_close(fast._memo[k][1], slow._memo[k][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("active", ["agent_0", "agent_1"])
+@pytest.mark.parametrize("named", ["agent_0", "agent_1", BASE])
+def test_single_adapter_batch_runs_the_named_adapter(tiny, active, named):
+    """A batch whose rows all name one adapter runs that adapter, whichever is active (eval: every path;
+    train: the named adapter is activated), against one full forward per prompt under that adapter."""
+    pol, r = _policy(tiny)
+    prompts = [(named, r.token_ids[i]) for i in (0, 5, 10)]
+    conts = [(k, r.action_ids[k % 2]) for k in range(3)]
+    want = []
+    with torch.no_grad():
+        for (_, tokens), (_, c) in zip(prompts, conts):
+            logp, _ = pol.naive_forward(named, list(tokens) + list(c))
+            n = len(tokens)
+            want.append(logp[n - 1:n - 1 + len(c)].gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+    pol.eval()
+    pol.activate(active)
+    with torch.no_grad():
+        got = pol.continuation_logprobs(prompts, conts, values=False)["logp"]
+    for k in range(3):
+        torch.testing.assert_close(got[k, :len(want[k])], want[k], rtol=1e-5, atol=1e-5)
+    if named != BASE:
+        pol.train()
+        pol.activate(active)
+        got = pol.continuation_logprobs(prompts, conts, values=False)["logp"].detach()
+        for k in range(3):
+            torch.testing.assert_close(got[k, :len(want[k])], want[k], rtol=1e-5, atol=1e-5)

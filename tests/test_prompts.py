@@ -285,3 +285,57 @@ def test_validate_actions_rejects(bad, fragment):
 def test_prompt_style_validates_actions():
     with pytest.raises(ConfigError, match="actions"):
         PromptStyle(actions=("action1", "action1"))
+
+
+# ---------------------------------------------------------------- system prompt
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's chat template: a default system turn when there is none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+NO_SYSTEM_ROLE = (  # a template that refuses a system turn (as Gemma-2's does)
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _with_template(tiny, template):
+    import copy
+
+    tok = copy.deepcopy(tiny[1])
+    tok.chat_template = template
+    return tok
+
+
+def test_no_system_text_by_default_even_where_the_template_inserts_one(tiny):
+    tok = _with_template(tiny, SMOLLM2_TEMPLATE)
+    text = PromptRenderer(tok, IPD, PromptStyle()).texts[0]
+    assert "SmolLM" not in text and "helpful" not in text
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYou are playing a game")
+    # the tiny model's own template inserts nothing: no system turn at all
+    assert PromptRenderer(tiny[1], IPD, PromptStyle()).texts[0].startswith("<|user|>\nYou are playing a game")
+
+
+def test_system_prompt_setting(tiny):
+    tok = _with_template(tiny, SMOLLM2_TEMPLATE)
+    text = PromptRenderer(tok, IPD, PromptStyle(system_prompt="Be brief.")).texts[0]
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nYou are playing")
+    # a template without a system role: the system text opens the user turn
+    tok = _with_template(tiny, NO_SYSTEM_ROLE)
+    text = PromptRenderer(tok, IPD, PromptStyle(system_prompt="Be brief.")).texts[0]
+    assert text.startswith("<|user|>\nBe brief.\n\nYou are playing")
+    assert PromptRenderer(tok, IPD, PromptStyle()).texts[0].startswith("<|user|>\nYou are playing")
+    with pytest.raises(ConfigError, match="system_prompt"):
+        PromptStyle(system_prompt=3)
+
+
+def test_column_player_prompts_of_an_asymmetric_game(tiny):
+    bos = MatrixGame.from_spec("BOS")
+    r = PromptRenderer(tiny[1], bos, STYLE)
+    assert len(r.token_ids) == 32 and r.view_offset == (0, 16)
+    ids = r.sample_ids(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.Generator(), shuffle=False, seat=1)
+    assert ids.tolist() == [16, 24]
+    assert "| you play action1 | you get 2, A gets 3 |" in r.texts[16]
+    assert "| you play action1 | you get 3, A gets 2 |" in r.texts[0]
+    assert len(PromptRenderer(tiny[1], IPD, STYLE).token_ids) == 16  # symmetric: one view

@@ -119,6 +119,52 @@ def _first_run(tmp_path, **kw):
     return m, t, tmp_path / "ckpt" / "last.ckpt"
 
 
+class _Seen(Callback):
+    """Records, before each iteration, the reward name of agent_0 and the opponent."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((pl_module.rewards["agent_0"].name, pl_module.opponent_name))
+
+
+def test_resume_keeps_the_configs_reward_and_opponent(tmp_path):
+    """The config is authoritative on resume: a checkpoint of a game-vs-random run resumed with a utilitarian-
+    vs-TFT config plays utilitarian vs TFT (before the fix the checkpoint's reward and opponent came back)."""
+    _, _, last = _first_run(tmp_path, agents=[AgentConfig("agent_0", "game")], opponent="random")
+    seen = _Seen()
+    m = tiny_module(agents=[AgentConfig("agent_0", "utilitarian")], opponent="tft")
+    trainer(tmp_path / "b", max_epochs=2, callbacks=[seen]).fit(m, ckpt_path=str(last))
+    assert seen.seen == [("utilitarian", "tft")] and m.episode == 16
+
+
+def test_resume_with_a_schedule_applies_the_schedules_entry(tmp_path):
+    """...except where a schedule says otherwise: the entry of the restored episode applies."""
+    sched = lambda: [RewardSchedule({"agent_0": [[0, "game"], [8, "deontological"]]}),  # noqa: E731
+                     OpponentSchedule([[0, "random"], [8, "always_defect"]])]
+    m = tiny_module(agents=[AgentConfig("agent_0", "game")], opponent="random")
+    t = trainer(tmp_path, callbacks=[*sched(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)])
+    t.fit(m)
+    seen = _Seen()
+    m = tiny_module(agents=[AgentConfig("agent_0", "utilitarian")], opponent="tft")
+    trainer(tmp_path / "b", max_epochs=2, callbacks=[*sched(), seen]).fit(m, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert seen.seen == [("deontological", "always_defect")]
+
+
+def test_switching_back_to_an_opponent_continues_its_stream():
+    """random -> tft -> random: the Random opponent continues its stream instead of replaying episode 0."""
+    m = tiny_module(opponent="random")
+    history = torch.zeros(64, dtype=torch.long)
+    first = m.opponents[("agent_0", "random")].act(history, history)
+    m.set_opponent("tft")
+    m.set_opponent("random")
+    again = m.opponents[("agent_0", "random")].act(history, history)
+    assert not torch.equal(first, again)
+    fresh = tiny_module(opponent="random").opponents[("agent_0", "random")].act(history, history)
+    assert torch.equal(first, fresh)  # same seed, same stream: the difference is continuation, not chance
+
+
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     m, t, last = _first_run(tmp_path)
     before = last.read_bytes()

@@ -61,6 +61,38 @@ def test_agents_receive_mirrored_states(tmp_path):
     torch.testing.assert_close(a.reward, -3.0 * ((a.action == 1) & (a.prev_other == 0)).float())
 
 
+ASYM = [[[5.0, 1.0], [0.0, 2.0]], [[3.0, 0.0], [1.0, 4.0]]]  # CC (5,1), CD (0,2), DC (3,0), DD (1,4)
+
+
+@pytest.mark.parametrize("game", ["BOS", ASYM])
+def test_column_player_sees_and_is_paid_by_the_transposed_table(tmp_path, game):
+    from lit_moral.games import MatrixGame
+    from lit_moral.rewards import utilitarian_regret
+
+    m = tiny_module(agents=[AgentConfig("agent_0", "game"), AgentConfig("agent_1", "game")], opponent="llm",
+                    game=game, rounds_per_episode=3)
+    trainer(tmp_path).fit(m)
+    a, b = m.last_samples["agent_0"], m.last_samples["agent_1"]
+    table = MatrixGame.from_spec(game).payoffs
+    assert (a.seat == 0).all() and (b.seat == 1).all()
+    # Both ledgers of the same round: the row player gets entry 0 of table[a, b], the column player entry 1.
+    torch.testing.assert_close(a.reward, table[a.action, b.action, 0])
+    torch.testing.assert_close(b.reward, table[a.action, b.action, 1])
+    # The column player's prompt shows its own view: for (C, C) it gets the row player's second number.
+    cc = table[0, 0]
+    assert f"| you play action1 | you get {float(cc[1]):g}, A gets {float(cc[0]):g} |" in m.renderer.texts[int(b.pid[0])]
+    assert f"| you play action1 | you get {float(cc[0]):g}, A gets {float(cc[1]):g} |" in m.renderer.texts[int(a.pid[0])]
+    # The last-round line of the column player's prompt: its own points first.
+    pm, po = table[b.prev_other[0], b.prev_me[0]].tolist()[::-1]
+    assert f"so you got {pm:g} points and A got {po:g} points" in m.renderer.texts[int(b.pid[0])]
+    # Utilitarian regret of the column player is read off its own table (different sums in ASYM).
+    want = utilitarian_regret(b.action, b.other_action, MatrixGame.from_spec(game).view(1).payoffs).mean()
+    util = m.metrics["agent_1"]["util"]
+    util.reset()
+    util.update(b.action, b.other_action, b.prev_other, b.seat)
+    torch.testing.assert_close(util.compute().float(), want.float())
+
+
 def _run(tmp_path, callbacks, epochs, ckpt=None, **kw):
     m = tiny_module(agents=TWO, iterations_per_epoch=2, **kw)
     probe = Probe()
