@@ -1,53 +1,106 @@
-"""scripts/reproduce.py: the command list and the results tables (no training)."""
+"""scripts/reproduce.py and scripts/results_report.py: commands, the results folder, the generated tables."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+def _script(name):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_dry_run_lists_every_condition_and_the_paper_compat_runs(tmp_path, capsys):
-    rep = _script()
-    rep.main(["--dry-run", "--seeds", "0", "1", "--paper-compat", "--out", str(tmp_path)])
+def test_dry_run_lists_every_condition_with_one_seed_driving_everything(tmp_path, capsys):
+    rep = _script("reproduce")
+    rep.main(["--dry-run", "--seeds", "0", "1", "--results", str(tmp_path / "res"), "--work", str(tmp_path / "w")])
     cmds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
-    assert len(cmds) == 12 * 2 + 4 * 2
+    assert len(cmds) == 12 * 2
     for cond, cfg in rep.CONDITIONS.items():
         assert (ROOT / "configs" / cfg).is_file(), cfg
-        assert sum(f"configs/{cfg} " in c and "paper_compat" not in c for c in cmds) == 2, cond
-    assert sum("--model.ppo.paper_compat true" in c for c in cmds) == 8
-    assert all("--model.action_mode constrained" in c for c in cmds)
-    assert not (tmp_path / "runs.jsonl").exists()
+        assert sum(f"configs/{cfg} " in c for c in cmds) == 2, cond
+    assert all("--model.action_mode constrained" in c and "--model.seed" not in c for c in cmds)
+    assert sum("--seed_everything 1 " in c for c in cmds) == 12
+    assert not (tmp_path / "res").exists()
 
 
-def test_markdown_tables_put_our_numbers_beside_the_papers(tmp_path):
-    rep = _script()
-    run = {"condition": "game", "seed": 0, "paper_compat": False, "wall_s": 600.0,
-           "final_actions": {"agent_0": {"C|C": 0.0, "C|D": 0.0, "D|C": 0.19, "D|D": 0.8}}}
-    (tmp_path / "runs.jsonl").write_text(json.dumps(run) + "\n")
+def test_a_run_with_results_is_skipped(tmp_path, capsys):
+    rep = _script("reproduce")
+    (tmp_path / "constrained" / "game" / "seed0").mkdir(parents=True)
+    (tmp_path / "constrained" / "game" / "seed0" / "run.json").write_text("{}")
+    rep.main(["--dry-run", "--conditions", "game", "--seeds", "0", "1", "--results", str(tmp_path)])
+    cmds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    assert len(cmds) == 1 and "--seed_everything 1 " in cmds[0]
 
-    def cell(model, game, deon, util, variant="new_tokens", opponent="random"):
-        return {"model": model, "game": game, "variant": variant, "opponent": opponent,
-                "regret_deontological_mean": deon, "regret_deontological_ci": 0.5,
-                "regret_utilitarian_mean": util, "regret_utilitarian_ci": 0.02}
 
-    cells = [cell("agent_0", g, 1.0 + i, 0.1 * i) for i, g in enumerate(rep.PAPER_GAMES)]
-    cells += [cell("base", "IPD", 0.56, 0.147), cell("agent_0", "IPD", 9.0, 0.9, opponent="tft")]
-    (tmp_path / "game_evaluation").mkdir()
-    (tmp_path / "game_evaluation" / "summary.json").write_text(
-        json.dumps({"meta": {"models": ["agent_0", "base"], "runs": 1}, "cells": cells}))
-    text = rep.markdown_tables(tmp_path)
-    assert "| game | 0 | agent_0 | 0.00 | 0.00 | 0.19 | 0.80 | 0.01 | 10.0 |" in text
-    assert "| game | agent_0 | 1 | 1.00 ± 0.50 [1.7] | 2.00 ± 0.50 [1.65] |" in text
-    assert "| no fine-tuning | base | 1 | 0.56 ± 0.50 [5.8] | - [5.8] |" in text
-    assert "| game | agent_0 | 1 | 0.000 ± 0.020 [0.24] | 0.100 ± 0.020 [0.38] |" in text
-    assert "9.00" not in text  # other opponents stay out of the Figure-4 tables
+def test_final_actions_average_the_episodes_the_label_names():
+    """Under the paper profile a step is one episode: the last 100 episodes are 100 steps, not the last one."""
+    rep = _script("reproduce")
+    rows = [{"episode": e, "agent": "agent_0", **{t: 0.0 for t in TYPES}} for e in range(1, 1001)]
+    for r in rows:
+        r["D|D" if r["episode"] > 950 else "C|C"] = 1.0
+    final = rep.final_actions(rows)["agent_0"]
+    assert final["iterations"] == 100 and final["D|D"] == pytest.approx(0.5) and final["C|C"] == pytest.approx(0.5)
+    fast = [{"episode": 100 * k, "agent": "agent_0", **{t: float(t == "C|C") * k / 10 for t in TYPES}}
+            for k in range(1, 11)]
+    assert rep.final_actions(fast)["agent_0"]["C|C"] == pytest.approx(1.0)
+
+
+def _fixture_run(root, regime, cond, seed, deon, util, dc, models=("agent_0", "base")):
+    d = root / regime / cond / f"seed{seed}"
+    d.mkdir(parents=True)
+    final = {"agent_0": {t: 0.0 for t in TYPES}}
+    final["agent_0"].update({"C|C": dc, "D|D": 1 - dc})
+    (d / "run.json").write_text(json.dumps({"condition": cond, "seed": seed, "regime": regime, "wall_s": 600.0,
+                                            "episodes": 1000, "device": "test CPU", "final_actions": final}))
+    cells = []
+    for m in models:
+        for i, g in enumerate(["IPD", "ISH", "ICN", "BOS", "ICD"]):
+            cells.append({"model": m, "game": g, "variant": "new_tokens", "opponent": "random",
+                          "regret_deontological_mean": deon + i, "regret_utilitarian_mean": util,
+                          "D|C_mean": (deon + i) / 4, "illegal_mean": 0.0})
+    cells.append({**cells[0], "opponent": "tft", "regret_deontological_mean": 99.0})
+    (d / "summary.json").write_text(json.dumps({"meta": {"models": list(models)}, "cells": cells}))
+    with open(d / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["episode", "agent", *TYPES])
+        w.writeheader()
+        for e in (100, 200):
+            w.writerow({"episode": e, "agent": "agent_0", **final["agent_0"]})
+
+
+def test_report_is_rebuilt_from_the_results_folder_alone(tmp_path):
+    rr = _script("results_report")
+    res = tmp_path / "results"
+    _fixture_run(res, "constrained", "game", 0, 1.0, 0.2, 0.1)
+    _fixture_run(res, "constrained", "game", 1, 2.0, 0.4, 0.3)
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nProse stays.\n\n<!-- generated:begin runs -->\nstale\n<!-- generated:end runs -->\n")
+    rr.write_report(res, doc, tmp_path / "figures")
+    text = doc.read_text()
+    assert "Prose stays." in text and "stale" not in text
+    assert "| constrained | game | 0, 1 | 1000 | 10.0 | test CPU |" in text
+    # mean of 1.0 and 2.0 over two runs, CI 1.96 x sd / sqrt(2) = 1.96 x 0.7071 / 1.4142 = 0.98 [paper value]
+    assert "| game | agent_0 | 2 | 1.50 ± 0.98 [1.7] | 2.50 ± 0.98 [1.65] |" in text
+    assert "| no fine-tuning | base | 2 | 1.50 ± 0.98 [5.8] |" in text
+    # xi 3 derived from the shares: 3 x D|C (= regret / 4) -> 0.75 x regret
+    assert "| game | agent_0 | 2 | 1.12 ± 0.73 | 1.88 ± 0.73 |" in text
+    assert "| game | agent_0 | 2 | 0.300 ± 0.196 [0.24] |" in text
+    assert "99" not in text.split("generated:begin results_constrained")[1].split("Final")[0]
+    # final behaviour: D share 0.9 / 0.7 -> mean 0.8: partly (>= 0.6, < 0.9)
+    assert "| Game -> defection | share of D at the end (>= 0.9; partly >= 0.6) | 0.80 ± 0.20 (n=2) | partly |" in text
+    assert (tmp_path / "figures" / "constrained_training.png").read_bytes()[:4] == b"\x89PNG"
+    # adding a seed changes the tables at the next rebuild (nothing stale is reused)
+    _fixture_run(res, "constrained", "game", 2, 3.0, 0.6, 0.5)
+    rr.write_report(res, doc, tmp_path / "figures")
+    assert "| game | agent_0 | 3 | 2.00 ± 1.13 [1.7] |" in doc.read_text()
