@@ -154,7 +154,8 @@ def _cond_p(rs, agent, given: str, act: str) -> tuple[float, float, int]:
     """P(act | other's previous = given) at the end of training, per run."""
     vals = []
     for r in rs:
-        tot = _final(r, agent, f"C|{given}") + _final(r, agent, f"D|{given}") + r["info"]["final_actions"][agent][f"illegal|{given}"]
+        f = r["info"]["final_actions"][agent]
+        tot = f[f"C|{given}"] + f[f"D|{given}"] + f[f"illegal|{given}"]
         vals.append(_final(r, agent, f"{act}|{given}") / tot if tot > 0 else math.nan)
     return mean_ci(vals)
 
@@ -293,7 +294,7 @@ def write_report(results: Path, doc: Path, figures: Path) -> Path:
         begin, end = f"<!-- generated:begin {name} -->", f"<!-- generated:end {name} -->"
         new = f"{begin}\n{body}\n{end}"
         if begin in text:
-            text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: new, text, flags=re.S)
+            text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _, new=new: new, text, flags=re.S)
         else:
             text = text.rstrip() + f"\n\n{new}\n"
     doc.write_text(text)
