@@ -113,11 +113,33 @@ class LitMoralCLI(LightningCLI):
             self.config[key] = parsed
 
 
+# Commands beside Lightning's (fit, test): each trains its own LightningModule with ``fit``'s options.
+MODULES = {"warmup": ("lit_moral.warmup", "FormatWarmup")}
+
+
+def _module_for(argv: list[str]) -> tuple[type, list[str]]:
+    """The LightningModule a command line trains and the arguments for LightningCLI."""
+    if argv and argv[0] in MODULES:
+        import importlib
+
+        mod, name = MODULES[argv[0]]
+        return getattr(importlib.import_module(mod), name), ["fit", *argv[1:]]
+    return MoralPPO, argv
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitMoralCLI | None:
-    """Entry point of ``lit-moral`` and ``python -m lit_moral``; ``args`` lets tests pass a list."""
+    """Entry point of ``lit-moral`` and ``python -m lit_moral``; ``args`` lets tests pass a list.
+
+    ``fit`` / ``test`` run MoralPPO (PPO on game and moral rewards); ``warmup`` runs the supervised format
+    warm-up (:class:`lit_moral.warmup.FormatWarmup`) with the same options as ``fit``.
+    """
+    module, argv = _module_for(list(sys.argv[1:] if args is None else args))
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads the command line itself (and warns when given both)
     try:
-        return LitMoralCLI(MoralPPO, auto_configure_optimizers=False, args=args, run=run, seed_everything_default=0,
-                           save_config_kwargs={"overwrite": True}, parser_class=LitMoralParser)
+        return LitMoralCLI(module, auto_configure_optimizers=False, args=None if args is None else argv, run=run,
+                           seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                           parser_class=LitMoralParser)
     except ConfigError as e:
         if args is not None:
             raise

@@ -130,9 +130,15 @@ class _EvalSampler(ActionSampler):
         self._resolve([(a, p, ()) for a in players for p in range(N_PROMPT_IDS)])
 
 
+WARMUP_LABEL = "warmup"
+
+
 def models_of(module, cfg: EvalConfig) -> list[tuple[str, str, str]]:
-    """``(label, player, persona)``: every agent, then the base model and its persona baselines."""
+    """``(label, player, persona)``: every agent, the starting adapter (``warmup``) of a run that has one, then the
+    base model and its persona baselines."""
     out = [(a, a, "") for a in module.agent_names]
+    if getattr(module.hparams, "init_adapter", None):
+        out.append((WARMUP_LABEL, WARMUP_LABEL, ""))
     if cfg.base:
         out.append((BASE_LABEL, BASE, ""))
         out += [(f"{BASE_LABEL}+{p}", BASE, p) for p in cfg.personas]
@@ -179,6 +185,10 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
         One dict per round with the columns of ``rounds.csv`` (:data:`lit_moral.report.ROUND_COLUMNS`).
     """
     policy, was_training = module.policy, module.policy.training
+    if getattr(module.hparams, "init_adapter", None):
+        from lit_moral.adapters import read_adapter
+
+        policy.add_frozen_adapter(WARMUP_LABEL, read_adapter(module.hparams.init_adapter))
     policy.eval()
     seed, rows, samplers = cfg.seed + run, [], {}
     try:
@@ -207,7 +217,7 @@ def _play_cell(module, cfg: EvalConfig, sampler: ActionSampler, game: MatrixGame
     streams = Streams.from_seed(seed, *where)
     other = opp if opp in module.agent_names else make_opponent(opp, seed=derive_seed(seed, *where, "opponent"))
     first = module.rewards[module.agent_names[0]]
-    rewards = {BASE: first, **module.rewards}
+    rewards = {BASE: first, WARMUP_LABEL: first, **module.rewards}
     samples = play(sampler, [Match((player, other), cfg.episodes)], game, cfg.rounds, rewards, streams)[player][0]
     xi = module.hparams.xi if cfg.xi is None else cfg.xi
     return round_rows(samples, game, rewards[player], xi, sampler.renderer,

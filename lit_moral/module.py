@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_moral import models
+from lit_moral.adapters import check_adapter, read_adapter
 from lit_moral.errors import ConfigError, check_choice, check_positive
 from lit_moral.evaluation import EvalConfig
 from lit_moral.games import ACTION_TYPES, MatrixGame
@@ -140,6 +141,10 @@ class MoralPPO(pl.LightningModule):
             GPUs); update forwards then run whole sequences instead of reusing the prompt prefix.
         system_prompt: None (default, as the paper): no system turn; a template that inserts a default system
             text of its own (SmolLM2's) gets an empty system turn instead. A string: that system text.
+        init_adapter: start every agent's adapter from this saved adapter (a peft folder such as the format
+            warm-up's ``<run>/adapters/agent_0``, or a lit_moral ``.ckpt``) instead of LoRA's zero start; its
+            LoRA settings must match ``lora``. The KL reference stays the adapter-disabled base, and the
+            evaluation shows the adapter alone as the ``warmup`` row.
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class MoralPPO(pl.LightningModule):
         evaluation: EvalConfig | None = None,
         gradient_checkpointing: bool = False,
         system_prompt: str | None = None,
+        init_adapter: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -181,6 +187,8 @@ class MoralPPO(pl.LightningModule):
                        action_mode, actions, max_new_tokens, lr, prefix_levels, dtype)
         self.game = MatrixGame.from_spec(game, "game")
         _validate_lora(lora or LoraSpec())
+        if init_adapter is not None:
+            check_adapter(init_adapter, lora or LoraSpec())
         self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt)
         self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
@@ -274,6 +282,10 @@ class MoralPPO(pl.LightningModule):
             base, self.tokenizer = models.load(self.hparams.model, self.hparams.dtype)
         self.policy = Policy(base, self.agent_names, self.lora, self.hparams.value_head_dropout,
                              self.hparams.prefix_levels)
+        if self.hparams.init_adapter:
+            start = read_adapter(self.hparams.init_adapter)
+            for agent in self.agent_names:
+                self.policy.load_adapter_state(agent, start)
         if self.hparams.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         self.renderer = PromptRenderer(self.tokenizer, self.game, self.style)
@@ -505,9 +517,11 @@ class MoralPPO(pl.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
-        """Only trainable state: LoRA weights and value heads (the frozen base is not saved)."""
+        """Only the agents' trainable state: LoRA weights and value heads (not the frozen base, nor a frozen
+        adapter added for evaluation such as ``warmup``)."""
         full = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in full.items() if "lora_" in k or "value_heads" in k}
+        return {k: v for k, v in full.items()
+                if "value_heads" in k or ("lora_" in k and any(f".{a}." in k for a in self.agent_names))}
 
     def fingerprint(self) -> dict:
         return {"model": self.hparams.model, "agents": list(self.agent_names), "lora_r": self.lora.r,

@@ -186,6 +186,28 @@ class Policy(nn.Module):
         self.flat_when_training = False
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
+    # ---- adapters from files ----------------------------------------------------------------
+    def load_adapter_state(self, agent: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy LoRA weights saved in peft's format (``adapter_model.safetensors`` keys, no adapter name) into
+        ``agent``'s adapter; every LoRA tensor of the adapter must be in ``state``, with the same shape."""
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state, adapter_name=agent)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{agent}." in k]
+        if missing:
+            raise ValueError(f"the saved adapter lacks {len(missing)} LoRA tensors of this model, e.g. {missing[0]}")
+
+    def add_frozen_adapter(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Add an adapter ``name`` (same LoRA settings, no value head, never trained) holding ``state`` (peft
+        format), e.g. the format warm-up shown beside the trained agents in an evaluation."""
+        if name in self.model.peft_config:
+            return
+        self.model.add_adapter(name, self.model.peft_config[self.agents[0]])
+        self.load_adapter_state(name, state)
+        for n, p in self.model.named_parameters():
+            if f".{name}." in n:
+                p.requires_grad_(False)
+
     # ---- parameters -------------------------------------------------------------------------
     def agent_parameters(self, agent: str) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of one agent's LoRA weights and value head, selected by name (names as in
@@ -343,7 +365,7 @@ class Policy(nn.Module):
         """Values of hidden states ``h: [N, ..., H]``, row i through the value head of ``adapters[i]``."""
         out = h.new_zeros(h.shape[:-1], dtype=torch.float32)
         for a in set(adapters):
-            if a == BASE:
+            if a not in self.value_heads:  # BASE, or a frozen adapter without a head
                 continue
             idx = torch.tensor([i for i, x in enumerate(adapters) if x == a], device=h.device)
             out = out.index_copy(0, idx, self.value_heads[a](h[idx]))

@@ -1,0 +1,71 @@
+"""Adapter files: reading a saved LoRA adapter (peft folder or lit_moral checkpoint) to start an agent from.
+
+``fit`` can start every agent from a saved adapter (``model.init_adapter``), e.g. the format warm-up's
+(``python -m lit_moral warmup``): a peft folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
+every run exports under ``adapters/<agent>/``) or a lit_moral checkpoint (``.ckpt``, its first agent's LoRA
+weights). The adapter's LoRA settings must match the run's, which is checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from lit_moral.errors import ConfigError
+
+_CKPT_KEY = re.compile(r"^policy\.model\.(.*)\.(lora_[AB])\.([^.]+)\.weight$")
+
+
+def _targets(value) -> set[str] | str:
+    return value if isinstance(value, str) else set(value)
+
+
+def check_adapter(path: str, lora, field: str = "init_adapter") -> None:
+    """Refuse (ConfigError naming ``field``) a path that is not an adapter folder or checkpoint, or an adapter whose
+    LoRA rank, alpha or target modules differ from ``lora`` (a LoraSpec). Reads only small files."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cfg_file = p / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{field}: {str(p)!r} has no adapter_config.json; expected a peft adapter folder "
+                              "(e.g. <run>/adapters/agent_0) or a lit_moral .ckpt")
+        cfg = json.loads(cfg_file.read_text())
+        theirs = {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha")}
+        targets = cfg.get("target_modules")
+        mine_targets = _targets(lora.target_modules)
+        if mine_targets != "all-linear" and targets is not None and set(targets) != mine_targets:
+            raise ConfigError(f"{field}: the adapter adapts {sorted(targets)}, the run's lora.target_modules is "
+                              f"{sorted(mine_targets)}")
+    elif p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        hp = state.get("hyper_parameters", {}) if isinstance(state, dict) else {}
+        spec = hp.get("lora")
+        if spec is None:
+            raise ConfigError(f"{field}: {str(p)!r} is not a lit_moral checkpoint (no LoRA settings inside)")
+        theirs = {"r": getattr(spec, "r", None), "alpha": getattr(spec, "alpha", None)}
+    else:
+        raise ConfigError(f"{field}: {str(p)!r} does not exist")
+    for key, name in (("r", "r"), ("alpha", "alpha")):
+        if theirs[key] is not None and theirs[key] != getattr(lora, name):
+            raise ConfigError(f"{field}: the adapter has lora.{name} = {theirs[key]}, the run has lora.{name} = "
+                              f"{getattr(lora, name)}; set the run's lora to the adapter's")
+
+
+def read_adapter(path: str) -> dict[str, torch.Tensor]:
+    """LoRA weights in peft's saved format (keys without the adapter name) from a folder or a checkpoint."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        from safetensors.torch import load_file
+
+        f = p / "adapter_model.safetensors"
+        return load_file(str(f)) if f.is_file() else torch.load(p / "adapter_model.bin", map_location="cpu")
+    state = torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+    agents = sorted({m.group(3) for k in state if (m := _CKPT_KEY.match(k))})
+    if not agents:
+        raise ConfigError(f"init_adapter: {str(p)!r} holds no LoRA weights")
+    first = agents[0]
+    return {f"{m.group(1)}.{m.group(2)}.weight": v for k, v in state.items()
+            if (m := _CKPT_KEY.match(k)) and m.group(3) == first}
