@@ -320,12 +320,16 @@ def run_test(module) -> dict[str, float]:
     Returns:
         Scalars averaged over games per model (``eval/<metric>/<model>``), for ``self.log``.
     """
+    from lit_moral.report import summarize
+
     trainer, cfg = module.trainer, module.eval_cfg
     rows = evaluate(module, cfg)
     ckpts = [str(trainer.ckpt_path)] if trainer.ckpt_path else []
     meta = report_meta(module, cfg, runs=1, checkpoints=ckpts)
     exp = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
-    scalars = finish(rows, meta, output_dir(trainer, cfg), cfg.plots, exp, module.episode)
+    out = output_dir(trainer, cfg)
+    scalars = finish(rows, meta, out, cfg.plots, exp, module.episode)
+    module.last_evaluation = (out, meta, summarize(rows))  # for the summary the CLI prints
     return {k: v for k, v in scalars.items() if k.count("/") == 2}
 
 
@@ -382,11 +386,15 @@ def evaluate_checkpoints(config: str, ckpts: Sequence[str], out: str | None = No
         load_weights(module, ckpt)
         rows += evaluate(module, cfg, run=r)
     writer = SummaryWriter(str(target / "tensorboard"))
-    finish(rows, report_meta(module, cfg, runs=len(ckpts), checkpoints=ckpts), target, cfg.plots, writer)
+    meta = report_meta(module, cfg, runs=len(ckpts), checkpoints=ckpts)
+    finish(rows, meta, target, cfg.plots, writer)
     writer.close()
     from lit_moral.report import read_csv
+    from lit_moral.runs import test_summary
 
-    return read_csv(target / "summary.csv")
+    summary = read_csv(target / "summary.csv")
+    print(test_summary(target, meta, summary), flush=True)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:

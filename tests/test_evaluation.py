@@ -321,7 +321,9 @@ def test_debug_checkpoint_evaluation_through_the_cli(tmp_path, monkeypatch):
     ckpt = tmp_path / "checkpoints" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
     cli = cli_main(["test", "--config", debug, "--ckpt_path", str(ckpt), "--model.evaluation.episodes", "2",
                     "--model.evaluation.rounds", "2"])
-    out = Path(cli.trainer.log_dir) / "evaluation"
+    out = ckpt.parent.parent / "evaluation"  # beside the checkpoint it evaluates, not in a new version folder
+    assert Path(cli.trainer.log_dir) == out / "tensorboard"
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "debug").iterdir()) == ["version_0"]
     for name in ("rounds.csv", "summary.csv", "summary.json", "report.md", *PLOT_FILES):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for name in PLOT_FILES:
