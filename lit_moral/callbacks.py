@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_moral.checkpoint_io import replace_dir
-from lit_moral.errors import ConfigError
+from lit_moral.errors import ConfigError, check_choice
 from lit_moral.opponents import OPPONENT_NAMES
 from lit_moral.rewards import RewardSpec
 
@@ -142,9 +142,7 @@ class OpponentSchedule(_Schedule):
         super().__init__()
         self.schedule = _check_points("OpponentSchedule.schedule", [list(p) for p in schedule])
         for _, name in self.schedule:
-            if name not in OPPONENT_NAMES:
-                raise ConfigError(f"OpponentSchedule.schedule: unknown opponent {name!r}; allowed: "
-                                  f"{', '.join(OPPONENT_NAMES)}")
+            check_choice("OpponentSchedule.schedule", name, OPPONENT_NAMES)
         if not isinstance(cycle, int) or cycle < 0:
             raise ConfigError(f"OpponentSchedule.cycle: got {cycle!r}; must be a whole number >= 0")
         self.cycle = cycle

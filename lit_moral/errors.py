@@ -10,12 +10,34 @@ class ConfigError(ValueError):
     """Bad user input: the message names the field, the bad value and what is allowed."""
 
 
+# Long or usual names of things lit_moral spells shortly: only used to suggest the right spelling.
+ALIASES = {"tit_for_tat": "tft", "titfortat": "tft", "tit-for-tat": "tft", "grim": "grim_trigger",
+           "wsls": "pavlov", "win_stay_lose_shift": "pavlov", "cooperate": "always_cooperate",
+           "defect": "always_defect", "always_c": "always_cooperate", "always_d": "always_defect",
+           "selfish": "game", "prisoners_dilemma": "IPD", "stag_hunt": "ISH", "chicken": "ICN",
+           "deontology": "deontological", "utilitarianism": "utilitarian", "self_play": "llm", "selfplay": "llm"}
+
+
+def suggest(value: str, allowed: list[str]) -> str | None:
+    """The allowed value a user most likely meant: a known alias, a close spelling, or the one containing it."""
+    key = value.lower().replace(" ", "_")
+    if ALIASES.get(key) in allowed:
+        return ALIASES[key]
+    close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, [a.lower() for a in allowed], n=1, cutoff=0.6)
+    if close:
+        return next(a for a in allowed if a.lower() == close[0].lower())
+    containing = [a for a in allowed if key and (key in a.lower() or a.lower() in key)]
+    return containing[0] if len(containing) == 1 else None
+
+
 def check_choice(field: str, value: object, allowed: Iterable[str]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise a ConfigError naming the field."""
+    """Return ``value`` if it is one of ``allowed``, else raise a ConfigError naming the field (and the allowed
+    value it most likely meant)."""
     allowed = list(allowed)
     if not isinstance(value, str) or value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        hint = suggest(str(value), allowed)
+        did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
         raise ConfigError(f"{field}: unknown value {value!r}{did_you_mean}; allowed: {', '.join(allowed)}")
     return value
 

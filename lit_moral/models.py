@@ -201,11 +201,14 @@ def load(spec: str, dtype: str = "float32", device: str | torch.device = "cpu"):
         return _random_shape(spec[6:], DTYPES[dtype], device)
     where = resolve(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype])
+        # local_files_only: a hub id is read from the local cache or refused at once (no retries, no download).
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], local_files_only=True)
     except OSError as e:
-        raise ConfigError(f"model: could not load {spec!r} from {str(where)!r} without downloading ({e}). "
-                          "Use a built-in name, a local directory, or a hub id already in the local cache.") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model: could not load {spec!r} from {str(where)!r} without downloading ({first}). "
+                          "Use a built-in name, a local directory, or a hub id already in the local Hugging Face "
+                          "cache (lit_moral never downloads)") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.requires_grad_(False)

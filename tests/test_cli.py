@@ -125,3 +125,68 @@ def test_bad_config_gives_one_line_error_and_exit_code(tmp_path):
     assert proc.returncode != 0
     assert "opponent" in proc.stderr and "tft" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- the user's path (issue: first command to last figure)
+
+
+def test_fit_prints_a_summary_with_every_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _fit_debug(tmp_path, "--trainer.max_epochs", "1")
+    out = capsys.readouterr().out
+    run = Path("checkpoints") / "debug" / "version_0"
+    assert "lit_moral: fit finished in" in out and "48 episodes" in out
+    assert "agent_0" in out and "cooperation" in out and "D|C" in out
+    for line in (f"checkpoint   {run / 'checkpoints' / 'last.ckpt'}", f"adapter      {run / 'adapters' / 'agent_0'}",
+                 f"tensorboard  {run}", f"config       {run / 'config.yaml'}"):
+        assert line in out, line
+    assert f"python -m lit_moral test --config {run / 'config.yaml'} --ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in out
+    assert "python -m lit_moral play --ckpt" in out
+
+
+def test_resume_continues_in_the_runs_own_folder_and_accepts_last(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = _fit_debug(tmp_path, "--trainer.max_epochs", "1")
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.max_epochs", "2",
+                    "--ckpt_path", "last"])
+    assert cli.model.episode == 96
+    assert sorted(p.name for p in run.iterdir()) == ["version_0"]  # one run, one folder
+    tags = scalars(run / "version_0")
+    assert [s for s, _ in tags["game/coop_rate/agent_0"]] == [16 * i for i in range(1, 7)]
+
+
+def test_abbreviated_keys_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lit_moral", "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
+                           "--trainer.max_epoch", "3"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_only_fit_and_test_are_offered():
+    proc = subprocess.run([sys.executable, "-m", "lit_moral", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: python -m lit_moral" in proc.stdout
+    assert "{fit,test}" in proc.stdout and "validate" not in proc.stdout and "predict" not in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model.opponent", "tit_for_tat"], "opponent: unknown value 'tit_for_tat' (did you mean 'tft'?)"),
+    (["--model.opponent", "randm"], "opponent: unknown value 'randm' (did you mean 'random'?)"),
+    (["--trainer.callbacks+=lit_moral.callbacks.OpponentSchedule", "--trainer.callbacks.schedule", "[[0, tit_for_tat]]"],
+     "OpponentSchedule.schedule: unknown value 'tit_for_tat' (did you mean 'tft'?)"),
+])
+def test_misspelt_choices_get_a_did_you_mean(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, "-m", "lit_moral", "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
+                           *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_early_failure_leaves_no_folder(tmp_path):
+    """A hub id that is not in the local cache fails at once (no download retries) and leaves no version folder."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "lit_moral", "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
+                           "--model.model", "nobody/no-such-model"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model: could not load 'nobody/no-such-model'")
+    assert not list(tmp_path.glob("checkpoints/*/version_*"))
