@@ -69,3 +69,45 @@ def read_adapter(path: str) -> dict[str, torch.Tensor]:
     first = agents[0]
     return {f"{m.group(1)}.{m.group(2)}.weight": v for k, v in state.items()
             if (m := _CKPT_KEY.match(k)) and m.group(3) == first}
+
+
+def finish_export(folder: Path, model_spec: str, card: str) -> None:
+    """Make an exported peft folder portable: the base model by its portable name (not this machine's cache
+    path) in ``adapter_config.json``, and ``README.md`` replaced by ``card`` (peft writes an empty template)."""
+    from lit_moral.models import portable_name
+
+    cfg_file = folder / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = portable_name(model_spec)
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(card)
+
+
+def model_card(agent: str, model_spec: str, facts: dict[str, object], metrics: dict[str, float]) -> str:
+    """A model card for one exported agent: what it is, how it was trained, its last metrics, how to use it."""
+    from lit_moral.models import portable_name
+
+    base = portable_name(model_spec)
+    lines = [f"# lit_moral agent `{agent}`", "",
+             f"A LoRA adapter for **{base}** (lit_moral model spec `{model_spec}`), trained with lit_moral "
+             "(moral alignment of LLM agents with reinforcement learning on matrix games).", "", "## Training", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in facts.items()]
+    if metrics:
+        lines += ["", "## Last logged metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| `{k.replace('|', chr(92) + '|')}` | {v:.4g} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Use it", "",
+              "It is an agent under lit_moral's answer format: the prompt of `lit_moral.prompts` (a game, its payoff "
+              "table, last round's moves) and a choice between the two action strings. Free generation from plain "
+              "peft does not follow that format for a small model; ask lit_moral for its move or its action "
+              "probabilities instead:", "", "```python",
+              "from lit_moral.agent import Agent", "",
+              f'agent = Agent.load("{agent}-folder-or-checkpoint")  # this folder, or the run\'s .ckpt',
+              'agent.probabilities(prev_me="C", prev_other="D")   # {"C": ..., "D": ...}',
+              'agent.move(prev_me="C", prev_other="D")            # "C" or "D"', "```", "",
+              "or play against it in a terminal: `python -m lit_moral play --ckpt <this folder>`.", "",
+              "With plain peft (the weights only):", "", "```python",
+              "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+              f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this folder>")',
+              "```", ""]
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ are authoritative otherwise) switches at the same episode as an uninterrupted on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -44,8 +45,88 @@ class AdapterExport(Callback):
         pl_module.check_finite_weights(checkpoint["state_dict"])
         if trainer.is_global_zero and pl_module.policy is not None:
             # Built in a temporary folder that then replaces the old export: never a half-written adapter.
-            replace_dir(lambda tmp: pl_module.policy.model.save_pretrained(tmp, selected_adapters=pl_module.agent_names),
-                        self.target(trainer))
+            replace_dir(lambda tmp: self._export(trainer, pl_module, Path(tmp)), self.target(trainer))
+
+    @staticmethod
+    def _export(trainer: pl.Trainer, pl_module, tmp: Path) -> None:
+        """peft's files for every agent, with a portable base-model name and a model card each."""
+        from lit_moral.adapters import finish_export, model_card
+        from lit_moral.agent import EXPORT_INFO, export_info
+
+        pl_module.policy.model.save_pretrained(str(tmp), selected_adapters=pl_module.agent_names)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if getattr(v, "numel", lambda: 1)() == 1 and not k.startswith("perf/")}
+        for agent in pl_module.agent_names:
+            folder = tmp / agent if (tmp / agent).is_dir() else tmp
+            facts = card_facts(pl_module, agent)
+            mine = {k: v for k, v in metrics.items() if k.endswith(f"/{agent}") or k.startswith("warmup/")}
+            finish_export(folder, pl_module.hparams.model, model_card(agent, pl_module.hparams.model, facts, mine))
+            (folder / EXPORT_INFO).write_text(json.dumps(export_info(pl_module, agent), indent=1) + "\n")
+
+
+def card_facts(pl_module, agent: str) -> dict[str, object]:
+    """What a model card says about how ``agent`` was trained (a MoralPPO agent or the format warm-up)."""
+    hp = pl_module.hparams
+    lora = getattr(pl_module, "lora", None)
+    facts: dict[str, object] = {}
+    if hasattr(pl_module, "rewards"):
+        r = pl_module.rewards[agent]
+        facts["reward"] = r.name if r.name != "custom" else ", ".join(f"{w:g} x {k}" for k, w in r.weights.items())
+        facts.update({"opponent": pl_module.opponent_name, "game": pl_module.game.name,
+                      "episodes": pl_module.episode, "rounds per episode": hp.rounds_per_episode,
+                      "action mode": hp.action_mode, "action strings": " / ".join(hp.actions),
+                      "deontological xi": hp.xi, "illegal answer": hp.illegal_penalty,
+                      "started from": hp.get("init_adapter") or "LoRA's zero start"})
+    else:
+        facts.update({"stage": "format warm-up (supervised: answer with one of the two listed labels)",
+                      "steps": pl_module.global_step, "label pairs": len(getattr(pl_module, "pairs", []))})
+    if lora is not None:
+        facts["LoRA"] = f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, targets {lora.target_modules}"
+    facts.update({"learning rate": hp.get("lr"), "seed": hp.get("seed")})
+    return facts
+
+
+class Progress(Callback):
+    """Progress of a run, every iteration: one line on stdout when the progress bar is off (output not a
+    terminal, e.g. a log file), and TensorBoard flushed so its curves are current. Added by default.
+
+    The line: ``[<run>] iteration i/N | episode e | <agent>: coop .. De .. Ut .. reward .. | s/iteration``.
+    """
+
+    def __init__(self) -> None:
+        self._t = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        import time
+
+        exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+        if exp is not None and hasattr(exp, "flush"):
+            exp.flush()
+        if trainer.progress_bar_callback is not None or not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        total = trainer.max_epochs * trainer.num_training_batches if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        step = getattr(pl_module, "iteration", trainer.global_step)
+        parts = [f"[{pl_module.hparams.get('run_name', 'run')}] iteration {step}/{total}"]
+        if hasattr(pl_module, "episode"):
+            parts.append(f"episode {pl_module.episode}")
+        for a in getattr(pl_module, "agent_names", []):
+            vals = [(label, m.get(f"{key}/{a}")) for label, key in (
+                ("coop", "game/coop_rate"), ("illegal", "game/illegal_rate"), ("De", "moral/regret_deontological"),
+                ("Ut", "moral/regret_utilitarian"), ("reward", "reward/total"))]
+            shown = " ".join(f"{label} {v:.2f}" for label, v in vals if v is not None)
+            if shown:
+                parts.append(f"{a}: {shown}")
+        if "warmup/loss" in m:
+            parts.append(f"loss {m['warmup/loss']:.3f}")
+        if self._t is not None:
+            parts.append(f"{time.perf_counter() - self._t:.1f} s/iteration")
+        print(" | ".join(parts), flush=True)
 
 
 class PreemptionCheckpoint(Callback):

@@ -57,6 +57,28 @@ _TINY_CHAT_TEMPLATE = (
 )
 
 
+# The public names of the packaged offline models (their weights here come from GGUF packages).
+HUB_NAMES = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct", GEMMA3: "google/gemma-3-270m"}
+
+
+def portable_name(spec: str) -> str:
+    """A name for ``spec`` that means the same on another machine: the hub id of a packaged model, a hub id as
+    given, a local directory's recorded ``_name_or_path`` if it is a hub id (else the directory's name), or
+    ``lit_moral:<spec>`` for the built-in test models."""
+    if spec in HUB_NAMES:
+        return HUB_NAMES[spec]
+    if spec == TINY or spec.startswith("shape:"):
+        return f"lit_moral:{spec}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        import json
+
+        cfg = path / "config.json"
+        recorded = json.loads(cfg.read_text()).get("_name_or_path", "") if cfg.is_file() else ""
+        return recorded if _HUB_ID.match(str(recorded)) else path.name
+    return spec
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LIT_MORAL_CACHE", Path.home() / ".cache" / "lit_moral"))
 

@@ -305,12 +305,13 @@ class MoralPPO(pl.LightningModule):
             self.set_opponent(self.opponent_name)
 
     def configure_callbacks(self):
-        """Adapters are exported in peft format beside every checkpoint, and SIGTERM saves a checkpoint,
-        unless the user configured these callbacks."""
-        from lit_moral.callbacks import AdapterExport, PreemptionCheckpoint
+        """Adapters are exported in peft format beside every checkpoint, SIGTERM saves a checkpoint, and progress is
+        shown every iteration, unless the user configured these callbacks."""
+        from lit_moral.callbacks import AdapterExport, PreemptionCheckpoint, Progress
 
         have = self.trainer.callbacks if self._trainer is not None else []
-        return [cls() for cls in (AdapterExport, PreemptionCheckpoint) if not any(isinstance(c, cls) for c in have)]
+        return [cls() for cls in (AdapterExport, PreemptionCheckpoint, Progress)
+                if not any(isinstance(c, cls) for c in have)]
 
     def configure_optimizers(self):
         return [torch.optim.Adam([p for _, p in self.policy.agent_parameters(a)], lr=self.hparams.lr)
@@ -501,7 +502,7 @@ class MoralPPO(pl.LightningModule):
             m["util"](s.action, s.other_action, s.prev_other, s.seat)
             types = m["types"](s.action, s.prev_other)
             self.last_action_types[agent] = types
-            self.log(f"game/coop_rate/{agent}", m["coop"], on_step=True, on_epoch=False)
+            self.log(f"game/coop_rate/{agent}", m["coop"], on_step=True, on_epoch=False, prog_bar=True)
             self.log(f"game/illegal_rate/{agent}", m["illegal"], on_step=True, on_epoch=False)
             self.log(f"moral/regret_deontological/{agent}", m["deon"], on_step=True, on_epoch=False)
             self.log(f"moral/regret_utilitarian/{agent}", m["util"], on_step=True, on_epoch=False)

@@ -226,7 +226,7 @@ class FormatWarmup(pl.LightningModule):
             self.step_gen.set_state(state["step_gen"])
 
     def configure_callbacks(self):
-        from lit_moral.callbacks import AdapterExport
+        from lit_moral.callbacks import AdapterExport, Progress
 
         have = self.trainer.callbacks if self._trainer is not None else []
-        return [] if any(isinstance(c, AdapterExport) for c in have) else [AdapterExport()]
+        return [cls() for cls in (AdapterExport, Progress) if not any(isinstance(c, cls) for c in have)]
