@@ -233,6 +233,17 @@ def _module_for(argv: list[str], run: bool = True) -> tuple[type, list[str]]:
     return MoralPPO, argv
 
 
+def _parser_kwargs(module: type) -> dict:
+    """Short usage lines and descriptions: the experiment's own settings are the ``--model.*`` group."""
+    what = (module.__doc__ or "").strip().splitlines()[0]
+    usage = "python -m lit_moral {} --config CONFIG [--model.<field> VALUE] [--trainer.<field> VALUE] ..."
+    return {"description": "lit_moral: moral alignment of LLM agents with reinforcement learning.",
+            "fit": {"usage": usage.format("warmup" if module is not MoralPPO else "fit"),
+                    "description": f"Train: {what} Settings: --model.* (the experiment), then --trainer.*."},
+            "test": {"usage": usage.format("test").replace("--config CONFIG", "--config CONFIG --ckpt_path CKPT"),
+                     "description": "Evaluate a checkpoint (model.evaluation: games, opponents, prompt variants)."}}
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LitMoralCLI | None:
     """Entry point of ``lit-moral`` and ``python -m lit_moral``; ``args`` lets tests pass a list.
 
@@ -250,7 +261,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitMoralCLI | N
     try:
         return LitMoralCLI(module, auto_configure_optimizers=False, args=None if args is None else argv, run=run,
                            seed_everything_default=0, save_config_kwargs={"overwrite": True},
-                           parser_class=LitMoralParser)
+                           parser_class=LitMoralParser, parser_kwargs=_parser_kwargs(module))
     except ConfigError as e:
         if args is not None:
             raise

@@ -10,6 +10,7 @@ paper does; ``self.episode`` is saved in checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -162,15 +163,15 @@ class MoralPPO(pl.LightningModule):
         max_new_tokens: int = 2,
         xi: float = 3.0,
         illegal_penalty: float = -6.0,
-        lora: LoraSpec | None = None,
+        lora: LoraSpec = LoraSpec(),  # noqa: B008 - frozen: safe, and jsonargparse documents its fields
         value_head_dropout: float = 0.0,
-        ppo: PPOConfig | None = None,
+        ppo: PPOConfig = PPOConfig(),  # noqa: B008 - frozen, as lora
         lr: float = 1.41e-5,
         prefix_levels: int = 0,
         seed: int | None = 0,
         run_name: str = "run",
         naive: bool = False,
-        evaluation: EvalConfig | None = None,
+        evaluation: EvalConfig = EvalConfig(),  # noqa: B008 - copied below, never mutated
         gradient_checkpointing: bool = False,
         system_prompt: str | None = None,
         init_adapter: str | None = None,
@@ -213,7 +214,8 @@ class MoralPPO(pl.LightningModule):
         self.last_samples: dict[str, AgentSamples] = {}
         self.last_action_types: dict[str, torch.Tensor] = {}  # agent -> [6] frequencies of the last iteration
         self.metrics = torch.nn.ModuleDict({a: self._new_metrics() for a in self.agent_names})
-        self.eval_cfg = EvalConfig(**evaluation) if isinstance(evaluation, dict) else evaluation or EvalConfig()
+        self.eval_cfg = (EvalConfig(**evaluation) if isinstance(evaluation, dict)
+                         else dataclasses.replace(evaluation) if evaluation is not None else EvalConfig())
 
     # ---- configuration ------------------------------------------------------------------------
     def _validate(self, model, opponent, rounds, episodes, iterations, mode, actions, max_new, lr, levels,

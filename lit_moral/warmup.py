@@ -84,7 +84,7 @@ class FormatWarmup(pl.LightningModule):
         run_name: name used for the checkpoint folder.
     """
 
-    def __init__(self, model: str = models.SMOLLM2, dtype: str = "float32", lora: LoraSpec | None = None,
+    def __init__(self, model: str = models.SMOLLM2, dtype: str = "float32", lora: LoraSpec = LoraSpec(),  # noqa: B008
                  pairs: list[tuple[str, str]] | None = None, games: list[str] | None = None, prompts_per_step: int = 8,
                  steps_per_epoch: int = 10, lr: float = 2e-4, measure_every: int = 10, measure_samples: int = 8,
                  max_new_tokens: int = 2, system_prompt: str | None = None, seed: int | None = 0,
