@@ -34,33 +34,47 @@ def _index(summary: Sequence[dict]) -> dict[tuple, dict]:
     return {(r["model"], r["game"], r["variant"], r["opponent"]): r for r in summary}
 
 
+def _n(rows) -> str:
+    """``n=<units behind the CI> <runs|episodes>`` of the first summary row that has one."""
+    r = next((r for r in rows if r and "n" in r), None)
+    return f"n={r['n']} {r.get('ci_over', '')}".strip() if r else ""
+
+
 def action_types_figure(summary: Sequence[dict], meta: dict):
-    """Stacked action-type shares: one panel per (model, opponent), one bar per game."""
+    """Stacked action-type shares, one bar per game, one panel per evaluated (model, opponent); each segment has
+    its 95% CI as an error bar at its top, and each panel says its n."""
+    import math
+
     idx, v = _index(summary), meta["report_variant"]
     models, games = meta["models"], meta["games"]
-    opps = [o for o in meta["opponents"] if any(k[3] == o and k[2] == v for k in idx)]
-    fig, axes = plt.subplots(len(models), len(opps), figsize=(2.9 * len(opps) + 1.6, 2.6 * len(models) + 0.6),
-                             squeeze=False, sharey=True)
-    for i, m in enumerate(models):
-        for j, o in enumerate(opps):
-            ax, bottom = axes[i][j], [0.0] * len(games)
-            for t, color in TYPES:  # "illegal" is illegal|C + illegal|D
-                vals = [idx[(m, g, v, o)][f"{t}_mean"] if (m, g, v, o) in idx else 0.0 for g in games]
-                ax.bar(games, vals, bottom=bottom, color=color, label=t, width=0.7)
-                bottom = [b + x for b, x in zip(bottom, vals)]
-            if not any((m, g, v, o) in idx for g in games):
-                ax.text(0.5, 0.5, "not evaluated\n(no such match)", ha="center", va="center", transform=ax.transAxes, fontsize=9)
-            ax.set_ylim(0, 1)
-            ax.set_title(f"{m} vs {o}", fontsize=10)
-            ax.tick_params(axis="x", labelsize=8)
-            if j == 0:
-                ax.set_ylabel("share of rounds")
-            if i == len(models) - 1:
-                ax.set_xlabel("game")
+    panels = [(m, o) for m in models for o in meta["opponents"] if any((m, g, v, o) in idx for g in games)]
+    cols = min(len({o for _, o in panels}) or 1, 4)
+    nrows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.9 * cols + 1.6, 2.6 * nrows + 0.6), squeeze=False, sharey=True)
+    for ax, (m, o) in zip(axes.flat, panels):
+        rows = [idx.get((m, g, v, o)) for g in games]
+        bottom = [0.0] * len(games)
+        for t, color in TYPES:  # "illegal" is illegal|C + illegal|D
+            vals = [r[f"{t}_mean"] if r else 0.0 for r in rows]
+            cis = [r.get(f"{t}_ci", 0.0) if r else 0.0 for r in rows]
+            ax.bar(games, vals, bottom=bottom, color=color, label=t, width=0.7)
+            tops = [b + x for b, x in zip(bottom, vals)]
+            shown = [i for i, x in enumerate(vals) if x > 0 and cis[i] > 0]
+            ax.errorbar([games[i] for i in shown], [tops[i] for i in shown], yerr=[cis[i] for i in shown], fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=2)
+            bottom = tops
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{m} vs {o} ({_n(rows)})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("game")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of rounds")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9,
                title="action | opponent's\nprevious action", title_fontsize=8)
-    fig.suptitle(f"Action types per game and opponent (prompt variant: {v})", fontsize=11)
+    fig.suptitle(f"Action types per game and opponent (prompt variant: {v}; error bars: 95% CI)", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -130,6 +144,8 @@ def variants_figure(summary: Sequence[dict], meta: dict):
 
 
 def figures(summary: Sequence[dict], meta: dict) -> dict[str, object]:
-    """File name -> figure for the three evaluation plots."""
-    return {"action_types.png": action_types_figure(summary, meta), "regret.png": regret_figure(summary, meta),
-            "variants.png": variants_figure(summary, meta)}
+    """File name -> figure for the evaluation plots (``variants.png`` only when several variants were played)."""
+    out = {"action_types.png": action_types_figure(summary, meta), "regret.png": regret_figure(summary, meta)}
+    if len(meta["variants"]) > 1:
+        out["variants.png"] = variants_figure(summary, meta)
+    return out
