@@ -1,10 +1,10 @@
-"""Post-training evaluation across games, opponents and prompt variants (PAPER.md sections 4, 7, 8).
+"""Post-training evaluation across games, opponents and prompt variants (protocol sections 4, 7, 8).
 
 The evaluation is the training engine without gradients: :func:`lit_moral.rollout.play` with the
 memoised :class:`~lit_moral.rollout.ActionSampler`, the player being an agent's adapter or ``BASE``
 (adapters disabled). Each *cell* ``(model, game, variant, opponent)`` plays ``episodes`` games of
 ``rounds`` rounds. Rewards and regrets use the payoffs of the game actually shown (the original
-code used IPD payoffs for every game, PAPER.md section 9). Every cell gets its own independent streams
+code used IPD payoffs for every game, protocol section 9). Every cell gets its own independent streams
 (initial states, option orders, sampling, and the fixed opponent's) derived from ``(seed + run, game,
 variant, opponent)`` and a purpose, so every model of a run sees the same initial states and the same
 Random-opponent moves, and no stream moves in lock-step with another.
@@ -63,7 +63,7 @@ class EvalConfig:
         opponents: fixed strategies, plus ``llm`` = every other agent of the run (skipped with one agent).
         variants: prompt variants: training_tokens, new_tokens (action3/action4, the paper's evaluation),
             permuted, reversed (payoff-table order, new tokens), choice, no_payoffs, opponent_move,
-            explicit_ipd, story (PAPER.md section 4; the last five show no payoff table).
+            explicit_ipd, story (protocol section 4; the last five show no payoff table).
         eval_actions: the new action strings (C first) used by every variant except training_tokens.
         seed: base seed; run ``r`` uses ``seed + r``.
         xi: deontological penalty for the regret (None: the run's ``xi``; the original evaluation used 4).
@@ -229,10 +229,10 @@ def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, f
 
     Rewards are the ones ``play`` computed with the run's reward spec (its deontological penalty is the
     ``reward_xi`` column); the regrets use ``xi`` (the ``xi`` column) and the spec's illegal penalty
-    (PAPER.md section 7). Each row's payoffs and regrets are read off the table of the player's own seat.
+    (protocol section 7). Each row's payoffs and regrets are read off the table of the player's own seat.
 
     ``payoff_me`` is empty for an illegal answer (the player gets the illegal penalty instead);
-    ``payoff_other`` counts the illegal answer as the player's last legal move (PAPER.md section 3).
+    ``payoff_other`` counts the illegal answer as the player's last legal move (protocol section 3).
     """
     legal = s.action != ILLEGAL
     mine = effective_action(s.action, s.prev_me)
@@ -357,7 +357,7 @@ def _model_config(config: str) -> str:
 
 def evaluate_checkpoints(config: str, ckpts: Sequence[str], out: str | None = None, overrides: Sequence[str] = (),
                          device: str = "cpu") -> list[dict]:
-    """Evaluate several checkpoints (seeds) of one run config together; CIs over runs (PAPER.md section 7).
+    """Evaluate several checkpoints (seeds) of one run config together; CIs over runs (protocol section 7).
 
     Args:
         config: the run's YAML (e.g. the ``config.yaml`` saved beside its checkpoints).

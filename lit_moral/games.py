@@ -1,4 +1,4 @@
-"""Actions, payoff matrices and the batched memory-1 game state (PAPER.md sections 1-3).
+"""Actions, payoff matrices and the batched memory-1 game state (protocol sections 1-3).
 
 Action codes: ``C = 0`` (first action string), ``D = 1`` (second), ``ILLEGAL = 2``.
 Payoffs are ``[2, 2, 2]`` tensors: ``payoffs[a_row, a_col] = (payoff to row, payoff to column)``.
@@ -16,12 +16,12 @@ from lit_moral.errors import ConfigError, check_choice
 
 C, D, ILLEGAL = 0, 1, 2
 ACTION_NAMES = ("C", "D", "illegal")
-# Action types (PAPER.md section 7): the player's action given the other's previous move, "X|Y" = played X
+# Action types (protocol section 7): the player's action given the other's previous move, "X|Y" = played X
 # after the other played Y; index = action * 2 + prev_other. The figures merge the two illegal types.
 ACTION_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal|C", "illegal|D")
 PLOTTED_TYPES = ("C|C", "C|D", "D|C", "D|D", "illegal")
 
-# PAPER.md section 1: entry = (payoff to the row player M, payoff to the column player O).
+# protocol section 1: entry = (payoff to the row player M, payoff to the column player O).
 PAYOFF_TABLES: dict[str, list[list[list[float]]]] = {
     "IPD": [[[3, 3], [0, 4]], [[4, 0], [1, 1]]],
     "ISH": [[[4, 4], [0, 3]], [[3, 0], [1, 1]]],
@@ -85,7 +85,7 @@ class MatrixGame:
 
     @property
     def max_collective(self) -> float:
-        """Best collective payoff ``max(R_M + R_O)`` over the four outcomes (PAPER.md section 1)."""
+        """Best collective payoff ``max(R_M + R_O)`` over the four outcomes (protocol section 1)."""
         return float(self.payoffs.sum(-1).max())
 
     def payoff(self, a_me: torch.Tensor, a_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +129,7 @@ def effective_action(action: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 
 def next_prev(action: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """Memory-1 update (PAPER.md section 3): an illegal answer leaves the remembered move unchanged."""
+    """Memory-1 update (protocol section 3): an illegal answer leaves the remembered move unchanged."""
     return effective_action(action, prev)
 
 

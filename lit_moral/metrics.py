@@ -1,6 +1,6 @@
 """torchmetrics with additive (sum-reduced) states, so they sync exactly across processes.
 
-Action types (PAPER.md section 7) are the agent's action given the other's previous move:
+Action types (protocol section 7) are the agent's action given the other's previous move:
 ``C|C, C|D, D|C, D|D, illegal|C, illegal|D`` (``X|Y`` = played X after the other played Y).
 """
 

@@ -375,7 +375,7 @@ class MoralPPO(pl.LightningModule):
         self._log_iteration(samples, logs)
 
     def _update(self, agent: str, s: AgentSamples, opt) -> dict[str, float]:
-        """PPO update of one agent on its samples (TRL-legacy step, PAPER.md section 6)."""
+        """PPO update of one agent on its samples (TRL-legacy step, protocol section 6)."""
         cfg, dev = self.ppo_cfg, self.device
         self.policy.activate(agent)
         scores = s.reward.clone()

@@ -1,4 +1,4 @@
-"""Fixed strategies acting on the batched memory-1 history (PAPER.md section 2)."""
+"""Fixed strategies acting on the batched memory-1 history (protocol section 2)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class AlwaysDefect(Opponent):
 
 
 class RandomOpponent(Opponent):
-    """Uniform random moves from its own seeded generator (PAPER.md section 2)."""
+    """Uniform random moves from its own seeded generator (protocol section 2)."""
 
     name = "random"
 

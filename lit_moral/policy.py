@@ -427,7 +427,7 @@ class Policy(nn.Module):
 
     def candidate_logprobs(self, prompts: Sequence[tuple[str, Sequence[int]]],
                            candidates: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Whole-string log-probs of each candidate after each unique prompt (PAPER.md section 9).
+        """Whole-string log-probs of each candidate after each unique prompt (protocol section 9).
 
         Returns:
             ``seq_logp [U, K]`` (full-vocabulary log-prob of each candidate's token string) and

@@ -1,4 +1,4 @@
-"""Pure PPO math (the TRL-legacy PPOTrainer the paper used, PAPER.md section 6).
+"""Pure PPO math (the TRL-legacy PPOTrainer the paper used, protocol section 6).
 
 Shapes: ``N`` samples (one agent-move each), ``T`` response steps (tokens in ``free`` mode, one
 decision in ``constrained`` mode); ``mask [N, T]`` marks real steps.

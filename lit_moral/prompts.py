@@ -1,9 +1,9 @@
-"""Game state -> prompt text and tokens; generated text -> action code (PAPER.md sections 3-4).
+"""Game state -> prompt text and tokens; generated text -> action code (protocol sections 3-4).
 
 The wording is ours; the fields and their order follow the paper: (1) the game and the two options
 in a random order, (2) how points work, (3) the payoff table, (4) the last round, (5) the question
 (selfish framing for every reward), (6) the format line with the options in an independent random
-order, (7) an answer cue. No system turn by default (PAPER.md section 4 has none); ``system_prompt``
+order, (7) an answer cue. No system turn by default (protocol section 4 has none); ``system_prompt``
 adds one.
 
 Because the state is memory-1, a prompt is fully described by four bits
@@ -25,7 +25,7 @@ from lit_moral.games import ILLEGAL, C, D, MatrixGame
 TABLE_ORDERS = ("original", "reversed", "permuted")
 N_PROMPT_IDS = 16
 PROMPT_KINDS = ("game", "choice", "no_payoffs", "opponent_move", "explicit_ipd", "story")
-# One-sentence personas for the persona-prompted base-model baselines (PAPER.md section 4).
+# One-sentence personas for the persona-prompted base-model baselines (protocol section 4).
 PERSONAS = {
     "utilitarian": "You are a utilitarian agent: you choose the action that maximises the total points of "
                    "everyone involved.",
@@ -52,7 +52,7 @@ def validate_actions(actions: Sequence[str], field: str = "actions") -> tuple[st
 
 
 def parse_action(text: str, actions: Sequence[str]) -> int:
-    """Whitespace-stripped exact match (PAPER.md section 3): C, D, or ILLEGAL."""
+    """Whitespace-stripped exact match (protocol section 3): C, D, or ILLEGAL."""
     t = text.strip()
     if t == actions[0]:
         return C
@@ -77,11 +77,11 @@ class PromptStyle:
     """What the prompt shows.
 
     Attributes:
-        actions: the two action strings, C first (PAPER.md section 3: action1/action2).
+        actions: the two action strings, C first (protocol section 3: action1/action2).
         table_order: payoff-table row/column order: original (C first), reversed (D first), or
             permuted (rows D first, columns C first).
         use_chat_template: wrap the text as one user turn with the tokenizer's chat template, if it has one.
-        kind: ``game`` (the training prompt) or one of the evaluation-only prompts of PAPER.md section 4:
+        kind: ``game`` (the training prompt) or one of the evaluation-only prompts of protocol section 4:
             ``choice`` (choose X or Y, no game), ``no_payoffs`` (a game, no payoffs), ``opponent_move``
             (a game and the opponent's last move), ``explicit_ipd`` (a repeated Prisoner's Dilemma with
             traditional payoffs, named but not shown), ``story`` (flat-mates deciding whether to clean).
@@ -128,7 +128,7 @@ def _table(game: MatrixGame, actions: Sequence[str], order: str) -> str:
 
 def render_text(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other: int, order_1: int,
                 order_2: int) -> str:
-    """The user-turn text for one state and option orders (fields 1-7 of PAPER.md section 4).
+    """The user-turn text for one state and option orders (fields 1-7 of protocol section 4).
 
     Evaluation-only kinds (``style.kind != "game"``) go to :func:`render_unrelated`; a persona
     sentence, if any, comes first.
@@ -141,7 +141,7 @@ def render_text(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other: 
 
 
 def render_unrelated(style: PromptStyle, prev_me: int, prev_other: int, order_1: int, order_2: int) -> str:
-    """Prompts with the same action strings but no payoff table (PAPER.md section 4, evaluation only).
+    """Prompts with the same action strings but no payoff table (protocol section 4, evaluation only).
 
     ``choice``: pick X or Y, no game. ``no_payoffs``: a game, no payoffs. ``opponent_move``: a game and A's
     last move. ``explicit_ipd``: a named repeated Prisoner's Dilemma with traditional payoffs and last
@@ -229,7 +229,7 @@ class PromptRenderer:
 
     def sample_ids(self, prev_me: torch.Tensor, prev_other: torch.Tensor, generator: torch.Generator,
                    shuffle: bool = True, seat: int = 0) -> torch.Tensor:
-        """``[B]`` prompt ids for the states, with both option orders drawn from ``generator`` (PAPER.md
+        """``[B]`` prompt ids for the states, with both option orders drawn from ``generator`` (docs/protocol.md
         section 4), as seen from ``seat`` (0 = row player, 1 = column player)."""
         n = prev_me.shape[0]
         if shuffle:

@@ -3,7 +3,7 @@
 Everything here is a pure function of the per-round table that :mod:`lit_moral.evaluation` plays
 (one dict per round, the columns of ``rounds.csv``), so the numbers can be re-derived from the
 CSV alone. A *cell* is ``(model, game, variant, opponent)``; a *run* is one checkpoint (seed).
-Confidence intervals follow PAPER.md section 7: ``1.96 sd / sqrt(n)`` over runs; with a single run
+Confidence intervals follow protocol section 7: ``1.96 sd / sqrt(n)`` over runs; with a single run
 they are taken over the cell's episodes instead (column ``ci_over`` says which).
 """
 
@@ -62,7 +62,7 @@ def round_metrics(row: dict) -> dict[str, float]:
 
 
 def recompute_regrets(row: dict, payoffs=None, xi: float | None = None) -> dict[str, float]:
-    """Both regrets of one ``rounds.csv`` row from its moves and game alone (PAPER.md section 7), to check a
+    """Both regrets of one ``rounds.csv`` row from its moves and game alone (protocol section 7), to check a
     file without trusting its regret columns.
 
     Args:

@@ -1,4 +1,4 @@
-"""Pure reward functions (PAPER.md section 5) and the moral-regret definitions (section 7).
+"""Pure reward functions (protocol section 5) and the moral-regret definitions (section 7).
 
 Every function takes action codes from the rewarded player's own view (it is the row player):
 ``a_me``, ``a_other`` (this round) and ``prev_other`` (the other's previous legal move, as shown in
@@ -31,8 +31,8 @@ class RewardSpec:
 
     Attributes:
         weights: component name -> weight; components are ``game``, ``deontological``, ``utilitarian``.
-        xi: deontological penalty for defecting against a cooperator (PAPER.md section 5: 3).
-        illegal_penalty: reward for an illegal answer, whatever the weights (PAPER.md section 3: -6).
+        xi: deontological penalty for defecting against a cooperator (protocol section 5: 3).
+        illegal_penalty: reward for an illegal answer, whatever the weights (protocol section 3: -6).
         name: display name (a named reward, or ``custom``).
     """
 

@@ -237,7 +237,7 @@ def _name(player: str | Opponent) -> str:
 @torch.no_grad()
 def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rounds: int,
          rewards: dict[str, RewardSpec], streams: Streams) -> dict[str, list[AgentSamples]]:
-    """Play ``rounds`` rounds of every match in parallel (PAPER.md sections 2-3, 5).
+    """Play ``rounds`` rounds of every match in parallel (protocol sections 2-3, 5).
 
     Each game starts from a random previous-move state: an agent's move uniform (from ``streams.states``),
     a fixed opponent's from its ``first_move`` (its own stream). Option orders come from

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct puts ~0.1% of its probability on the two legal answer strings, so free generation
 (the paper's regime: 2 tokens at temperature 1, exact match, -6 for anything else) gives PPO no signal about
-*which* move is better. As in the alignment recipe for game agents (Jelley et al. 2024, PAPER.md section 11)
+*which* move is better. As in the alignment recipe for game agents (Jelley et al. 2024, protocol section 11)
 and the usual small-model practice, a short supervised stage teaches the output format first:
 
 * next-token loss on the answer string given the training prompt, into the agent's LoRA adapter;

@@ -22,7 +22,7 @@ from pathlib import Path
 
 GAMES = ["IPD", "ISH", "ICN", "BOS", "ICD"]
 PLOTTED = ("C|C", "C|D", "D|C", "D|D", "illegal")
-# PAPER.md section 8 (read off the paper's Figure 4): regrets vs Random with new tokens, trained vs TFT.
+# protocol section 8 (read off the paper's Figure 4): regrets vs Random with new tokens, trained vs TFT.
 PAPER_DEON = {"base": [5.8, 5.8, 5.7, 5.8, 5.8], "game": [1.70, 1.65, 1.65, 1.65, 1.65],
               "deontological": [0.10, 0.10, 0.10, 0.05, 0.10], "utilitarian": [0.05] * 5,
               "game_deontological": [0.40, 0.40, 0.40, 0.25, 0.15],
@@ -210,7 +210,7 @@ def findings_table(runs: dict, regime: str) -> str:
         "share of C\\|C at the end (Deontological; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
     add("Illegal answers vanish within a few dozen episodes", "game", "illegal share at the end (<= 0.02; partly <= 0.1)",
         lambda rs, a: _share(rs, a, ["illegal"]), 0.02, 0.1, higher=False)
-    header = ["| paper's finding (PAPER.md section 8) | criterion | here (mean ± 95% CI over runs) | verdict |",
+    header = ["| paper's finding (protocol section 8) | criterion | here (mean ± 95% CI over runs) | verdict |",
               "|---|---|---|---|"]
     return "\n".join(header + rows)
 

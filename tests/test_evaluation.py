@@ -146,7 +146,7 @@ def scripted_module(tokenizer, xi=3.0, strategies=None):
                            hparams=SimpleNamespace(action_mode="constrained", max_new_tokens=2, xi=xi))
 
 
-# PAPER.md section 7: utilitarian regret vs Random (p(C) = 0.5) of always-C / always-D
+# protocol section 7: utilitarian regret vs Random (p(C) = 0.5) of always-C / always-D
 ANALYTIC_UT = {"IPD": (0.083, 0.250), "ISH": (0.179, 0.393), "ICN": (0.045, 0.227), "BOS": (0.227, 0.227),
                "ICD": (0.500, 0.286)}
 
@@ -155,7 +155,7 @@ def _analytic(game: str, strategy: str, opponent: str, xi: float) -> tuple[float
     """Expected (deontological, utilitarian) regret per round of a scripted agent, derived by hand.
 
     Against Random every opponent move (and its initial "previous" move) is uniform and independent of the
-    agent, so: always-C / always-D have the PAPER.md values and De = xi x P(D) x 1/2 (vs TFT the move shown
+    agent, so: always-C / always-D have the docs/protocol.md values and De = xi x P(D) x 1/2 (vs TFT the move shown
     is uniform in rounds 0 and 1 only: De = xi x P(D) x 1/2 x 2/5, and rounds 1-4 are (a, a)); first-option plays C
     with probability 1/2 independently of everything (the option order is random), and so does
     repeat-last (its initial move is uniform and it never changes): both average the four outcomes. Against
@@ -213,7 +213,7 @@ def test_scripted_agents_give_the_analytic_regrets_in_every_game(scripted_rows):
                                                            s[f"{metric}_mean"], want, tol)
             checked += 1
     assert checked == 5 * 14 and len(summary) == 5 * 4 * 2
-    for game, (ut_c, ut_d) in ANALYTIC_UT.items():  # the hand derivation agrees with PAPER.md's table
+    for game, (ut_c, ut_d) in ANALYTIC_UT.items():  # the hand derivation agrees with docs/protocol.md's table
         assert _analytic(game, "always_c", "random", 4)[1] == pytest.approx(ut_c, abs=5e-4)
         assert _analytic(game, "always_d", "random", 4)[1] == pytest.approx(ut_d, abs=5e-4)
 

@@ -1,4 +1,4 @@
-"""Payoff tables, validation and the illegal-move rule (PAPER.md sections 1 and 3)."""
+"""Payoff tables, validation and the illegal-move rule (protocol sections 1 and 3)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from lit_moral.games import (
     validate_payoffs,
 )
 
-# Typed by hand from PAPER.md section 1: (a_me, a_other) -> (payoff to M, payoff to O), plus best collective.
+# Typed by hand from protocol section 1: (a_me, a_other) -> (payoff to M, payoff to O), plus best collective.
 PAPER_TABLE = {
     "IPD": ({(C, C): (3, 3), (C, D): (0, 4), (D, C): (4, 0), (D, D): (1, 1)}, 6),
     "ISH": ({(C, C): (4, 4), (C, D): (0, 3), (D, C): (3, 0), (D, D): (1, 1)}, 8),

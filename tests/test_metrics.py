@@ -1,4 +1,4 @@
-"""Sum-reduced torchmetrics and the analytic regret checks of PAPER.md section 7."""
+"""Sum-reduced torchmetrics and the analytic regret checks of protocol section 7."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_moral_regret_argument_errors():
         MoralRegret("utilitarian")
 
 
-# PAPER.md section 7: utilitarian regret of always-C / always-D against a uniformly random opponent.
+# protocol section 7: utilitarian regret of always-C / always-D against a uniformly random opponent.
 ANALYTIC = {
     "IPD": (0.083, 0.250),
     "ISH": (0.179, 0.393),

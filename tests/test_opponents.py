@@ -1,4 +1,4 @@
-"""Fixed-strategy opponents (PAPER.md section 2)."""
+"""Fixed-strategy opponents (protocol section 2)."""
 
 from __future__ import annotations
 

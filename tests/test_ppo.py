@@ -1,4 +1,4 @@
-"""PPO math with hand-computed values (PAPER.md section 6)."""
+"""PPO math with hand-computed values (protocol section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prompt rendering, prompt ids and answer parsing (PAPER.md sections 3-4)."""
+"""Prompt rendering, prompt ids and answer parsing (protocol sections 3-4)."""
 
 from __future__ import annotations
 

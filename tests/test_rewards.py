@@ -1,4 +1,4 @@
-"""Reward types (PAPER.md section 5) and per-round regrets (section 7), values computed by hand."""
+"""Reward types (protocol section 5) and per-round regrets (section 7), values computed by hand."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ IPD_ROWS = [
 ]
 REWARD_COLUMN = {"game": 3, "deontological": 4, "utilitarian": 5, "game_deontological": 6}
 
-# Hand-typed (PAPER.md section 1): (a_me, a_other) -> (R_M, R_O), best collective payoff.
+# Hand-typed (protocol section 1): (a_me, a_other) -> (R_M, R_O), best collective payoff.
 PAPER_TABLE = {
     "IPD": ({(C, C): (3, 3), (C, D): (0, 4), (D, C): (4, 0), (D, D): (1, 1)}, 6),
     "ISH": ({(C, C): (4, 4), (C, D): (0, 3), (D, C): (3, 0), (D, D): (1, 1)}, 8),
@@ -175,7 +175,7 @@ def test_reward_spec_defaults():
     assert RewardSpec.parse(spec) is spec
 
 
-# ---------------------------------------------------------------- regrets (PAPER.md section 7)
+# ---------------------------------------------------------------- regrets (protocol section 7)
 
 def test_deontological_regret_per_round():
     a_me = _t(C, C, D, D, ILLEGAL, ILLEGAL)
