@@ -45,7 +45,8 @@ def check_adapter(path: str, lora, field: str = "init_adapter") -> None:
         spec = hp.get("lora")
         if spec is None:
             raise ConfigError(f"{field}: {str(p)!r} is not a lit_moral checkpoint (no LoRA settings inside)")
-        theirs = {"r": getattr(spec, "r", None), "alpha": getattr(spec, "alpha", None)}
+        get = spec.get if isinstance(spec, dict) else lambda k, d=None: getattr(spec, k, d)
+        theirs = {"r": get("r", None), "alpha": get("alpha", None)}
     else:
         raise ConfigError(f"{field}: {str(p)!r} does not exist")
     for key, name in (("r", "r"), ("alpha", "alpha")):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lit_moral.errors import ConfigError, check_choice, check_positive
-from lit_moral.games import ACTION_NAMES, GAME_NAMES, ILLEGAL, MatrixGame, effective_action, lookup
+from lit_moral.games import ACTION_NAMES, GAME_NAMES, ILLEGAL, MatrixGame
 from lit_moral.opponents import LLM_OPPONENT, OPPONENTS, make_opponent
 from lit_moral.policy import BASE
 from lit_moral.prompts import N_PROMPT_IDS, PERSONAS, PromptRenderer, PromptStyle
@@ -235,14 +235,11 @@ def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, f
     ``payoff_other`` counts the illegal answer as the player's last legal move (protocol section 3).
     """
     legal = s.action != ILLEGAL
-    mine = effective_action(s.action, s.prev_me)
-    col = s.seat == 1
-    pay_me, pay_other, util = (torch.zeros(len(s)) for _ in range(3))
-    for seat, at in ((0, ~col), (1, col)):
-        table = game.view(seat).payoffs
-        pm, po = lookup(table, mine[at], s.other_action[at])
-        pay_me[at], pay_other[at] = pm, po
-        util[at] = utilitarian_regret(s.action[at], s.other_action[at], table, spec.illegal_penalty)
+    pay_me, pay_other = s.payoff_me, s.payoff_other  # the player's own view; rollout.play computed them
+    util = torch.zeros(len(s))
+    for seat in (0, 1):
+        at = s.seat == seat
+        util[at] = utilitarian_regret(s.action[at], s.other_action[at], game.view(seat).payoffs, spec.illegal_penalty)
     deon = deontological_regret(s.action, s.prev_other, xi, spec.illegal_penalty)
     decoded: dict[tuple, str] = {}
     cols = dict(episode=s.episode.tolist(), round=s.round.tolist(), prev_me=s.prev_me.tolist(),

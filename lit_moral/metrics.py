@@ -112,3 +112,61 @@ class MoralRegret(_SumMetric):
 
 __all__ = ["ACTION_TYPES", "ActionTypes", "CooperationRate", "IllegalRate", "MoralRegret", "action_type_index",
            "C", "D"]
+
+
+def gini(x: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient of non-negative values ``[M]`` (0: all equal; mean absolute difference / (2 x mean)).
+    Payoffs can be negative in custom games: they are shifted to start at 0 first (equality is shift-invariant
+    only this way); all zero gives 0."""
+    x = x.double() - min(float(x.min()), 0.0)
+    mean = x.mean()
+    if mean <= 0:
+        return torch.zeros((), dtype=torch.float64)
+    return (x[:, None] - x[None, :]).abs().mean() / (2 * mean)
+
+
+class PopulationPayoffs(_SumMetric):
+    """Each population member's mean game payoff per round; ``compute`` gives the collective payoff (sum of the
+    members' means), equality (1 - Gini of the means) and the minimum mean, over the members that played.
+
+    Args:
+        members: member names (agents and fixed strategies), in a fixed order.
+    """
+
+    def __init__(self, members: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.members = list(members)
+        self.add_state("total", torch.zeros(len(members), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rounds", torch.zeros(len(members), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, member: str, payoffs: torch.Tensor) -> None:
+        """Add ``[B]`` rounds' payoffs of ``member``."""
+        i = self.members.index(member)
+        self.total[i] += payoffs.double().sum().to(self.total.device)
+        self.rounds[i] += payoffs.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        played = self.rounds > 0
+        means = self.total[played] / self.rounds[played]
+        if not bool(played.any()):
+            zero = torch.zeros((), dtype=torch.float64)
+            return {"collective_payoff": zero, "equality": zero + 1, "min_payoff": zero}
+        return {"collective_payoff": means.sum(), "equality": 1 - gini(means), "min_payoff": means.min()}
+
+
+class SelectionMatrix(_SumMetric):
+    """Counts of partner selections: ``counts[i, j]`` = times selector ``selectors[i]`` picked ``members[j]``;
+    ``compute`` gives each selector's shares (rows sum to 1 where it selected)."""
+
+    def __init__(self, selectors: list[str], members: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.selectors, self.members = list(selectors), list(members)
+        self.add_state("counts", torch.zeros(len(selectors), len(members), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, selector: str, picked: list[str]) -> None:
+        i = self.selectors.index(selector)
+        for name in picked:
+            self.counts[i, self.members.index(name)] += 1
+
+    def compute(self) -> torch.Tensor:
+        return self.counts / self.counts.sum(1, keepdim=True).clamp_min(1)

@@ -1,65 +1,43 @@
-"""The LightningModule: one PPO iteration per ``training_step`` (manual optimization).
+"""The LightningModule: one iteration per ``training_step`` (manual optimization), as wiring only.
 
-An iteration: play ``episodes_per_iteration`` games of ``rounds_per_episode`` rounds for every
-match in parallel -> rewards (total and components) -> KL penalty against the base model ->
-advantages -> ``ppo_epochs`` x minibatches of (forward, loss, ``manual_backward``, clip, step) per
-trained agent -> metrics and logs. Hyperparameters and schedules count *episodes* (games), as the
-paper does; ``self.episode`` is saved in checkpoints.
+An iteration: pair the population (:mod:`lit_moral.pairing`) -> play ``episodes_per_iteration`` games of
+``rounds_per_episode`` rounds for every match in parallel (:func:`lit_moral.rollout.play`) -> each trained
+agent's update on its own samples (:mod:`lit_moral.learners`) -> metrics and logs. Hyperparameters and
+schedules count *episodes* (games), as the paper does; ``self.episode`` is saved in checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import os
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_moral import models
 from lit_moral.adapters import check_adapter, read_adapter
-from lit_moral.errors import ConfigError, check_choice, check_positive
+from lit_moral.config import AgentConfig, agent_configs, validate_agents, validate_basics, validate_lora, validate_sizes
+from lit_moral.distributed import any_true, average_gradients, is_distributed, without_ddp_reducer
+from lit_moral.errors import ConfigError, check_choice
 from lit_moral.evaluation import EvalConfig
 from lit_moral.games import ACTION_TYPES, MatrixGame
-from lit_moral.metrics import ActionTypes, CooperationRate, IllegalRate, MoralRegret
-from lit_moral.opponents import LLM_OPPONENT, OPPONENT_NAMES, Opponent, make_opponent
-from lit_moral.padding import pad_steps
+from lit_moral.learners import LEARNERS, PPOLearner, make_learner
+from lit_moral.metrics import ActionTypes, CooperationRate, IllegalRate, MoralRegret, PopulationPayoffs, SelectionMatrix
+from lit_moral.opponents import OPPONENT_NAMES, OPPONENTS, Opponent, make_opponent
+from lit_moral.padding import pad_rows
+from lit_moral.pairing import SelectionRenderer, fixed_pairs, latest_moves, random_pairs, round_robin_pairs, validate_population
 from lit_moral.policy import LoraSpec, Policy
-from lit_moral.ppo import KLController, PPOConfig, RunningMoments, explained_variance, gae, kl_rewards, ppo_loss, whiten
-from lit_moral.prompts import PromptRenderer, PromptStyle, validate_actions
+from lit_moral.ppo import PPOConfig
+from lit_moral.prompts import PromptRenderer, PromptStyle
 from lit_moral.rewards import RewardSpec
 from lit_moral.rollout import ActionSampler, AgentSamples, Match, merge, play
-from lit_moral.seeding import Streams, opponent_seed
+from lit_moral.seeding import Streams, generator, opponent_seed
 
-AGENT_NAME = re.compile(r"^agent_[01]$")
-
-
-@dataclass
-class AgentConfig:
-    """One LLM agent.
-
-    Attributes:
-        name: ``agent_0`` or ``agent_1`` (also the LoRA adapter name).
-        reward: a named reward (game, deontological, utilitarian, game_deontological) or a mapping
-            component -> weight, e.g. ``{game: 1.0, utilitarian: 0.5}``.
-        train: update this agent (False keeps its adapter fixed, e.g. a frozen opponent).
-    """
-
-    name: str = "agent_0"
-    reward: str | dict[str, float] = "deontological"
-    train: bool = True
-
-
-# Checkpoints store these config dataclasses in their hyperparameters; allow them under weights_only loading.
-torch.serialization.add_safe_globals([AgentConfig, LoraSpec, PPOConfig])
+__all__ = ["AgentConfig", "MoralPPO"]
 
 
 class _Iterations(IterableDataset):
@@ -96,16 +74,6 @@ class _IterationLoader(DataLoader):
         """Nothing to restore: the position follows the module's restored iteration counter."""
 
 
-def _validate_lora(lora: LoraSpec) -> None:
-    """LoRA sizes are whole numbers > 0 and dropout a probability, checked before any model loads."""
-    for name in ("r", "alpha"):
-        v = getattr(lora, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"lora.{name}: got {v!r}; must be a whole number > 0")
-    if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
-        raise ConfigError(f"lora.dropout: got {lora.dropout!r}; must be a number in [0, 1)")
-
-
 class MoralPPO(pl.LightningModule):
     """LLM agents (LoRA adapters on one frozen base) trained with PPO on game and moral rewards.
 
@@ -113,9 +81,17 @@ class MoralPPO(pl.LightningModule):
         model: model spec: ``smollm2-135m-instruct`` (offline default), ``gemma-3-270m``, ``tiny``,
             a local directory or a hub id already in the local cache.
         dtype: weights dtype: float32, bfloat16 or float16.
-        agents: one or two agents (default: one deontological ``agent_0``).
-        opponent: each agent's fixed opponent (tft, always_cooperate, always_defect, random), or
-            ``llm``: agent_0 and agent_1 play each other.
+        agents: the LLM agents, any number (default: one deontological ``agent_0``); each has its own reward,
+            LoRA adapter, value head, optimizer, KL controller and reward statistics.
+        opponent: each agent's opponent under ``pairing: fixed`` (a fixed strategy: tft, always_cooperate,
+            always_defect, random, ...), or ``llm``: the agents play each other two by two in config order.
+        pairing: who plays whom each iteration: ``fixed`` (each agent vs its opponent), ``round_robin`` (every
+            pair of population members), ``random`` (random disjoint pairs each iteration), ``selection`` (each
+            agent picks the partner of each of its games by a constrained choice of its own among the other
+            members, shown with their latest moves; the pick is trained with the mean reward of the game it led
+            to, by a learner of its own on the same adapter and optimizer, AIES'24).
+        strategies: fixed strategies that are members of the population (round_robin, random, selection), e.g.
+            ``[tft, always_defect]``.
         game: game name (IPD, ISH, ICN, BOS, ICD) or a ``[2, 2, 2]`` payoff list.
         rounds_per_episode: rounds per game (paper: 5 vs fixed strategies, 3 for two learners).
         episodes_per_iteration: games played in parallel per PPO iteration, per match (the paper: 1).
@@ -128,11 +104,12 @@ class MoralPPO(pl.LightningModule):
         lora: LoRA settings.
         value_head_dropout: value-head dropout (paper: 0.1).
         ppo: PPO settings.
+        algorithm: the learner (``ppo``).
         lr: Adam learning rate (paper: 1.41e-5).
         prefix_levels: shared-prefix tree depth in the forward engine (0 = automatic, 1 = no prefix reuse).
-        seed: seed of every random stream of the run: initial states, option orders, sampling, minibatches and
-            each opponent get their own stream derived from it (and from the process rank). The CLI links it to
-            ``seed_everything``, which also seeds adapter initialisation and dropout.
+        seed: seed of every random stream of the run: initial states, option orders, sampling, minibatches,
+            pairings and each opponent get their own stream derived from it (and from the process rank). The CLI
+            links it to ``seed_everything``, which also seeds adapter initialisation and dropout.
         run_name: name used for the checkpoint folder.
         naive: run the obvious path instead of the engine (per-sample full forwards, full-vocabulary
             logits, no deduplication, prefix reuse or memoisation); for benchmarks and tests only.
@@ -154,6 +131,8 @@ class MoralPPO(pl.LightningModule):
         dtype: str = "float32",
         agents: list[AgentConfig] | None = None,
         opponent: str = "tft",
+        pairing: str = "fixed",
+        strategies: list[str] | None = None,
         game: str | list = "IPD",
         rounds_per_episode: int = 5,
         episodes_per_iteration: int = 64,
@@ -166,6 +145,7 @@ class MoralPPO(pl.LightningModule):
         lora: LoraSpec = LoraSpec(),  # noqa: B008 - frozen: safe, and jsonargparse documents its fields
         value_head_dropout: float = 0.0,
         ppo: PPOConfig = PPOConfig(),  # noqa: B008 - frozen, as lora
+        algorithm: str = "ppo",
         lr: float = 1.41e-5,
         prefix_levels: int = 0,
         seed: int | None = 0,
@@ -182,72 +162,68 @@ class MoralPPO(pl.LightningModule):
         if seed is None:  # seed_everything: true (see cli._module_seed): the seed Lightning drew
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.save_hyperparameters()
-        # Validate everything cheap before any model is loaded.
-        self.agent_cfgs = [a if isinstance(a, AgentConfig) else AgentConfig(**a) for a in (agents or [AgentConfig()])]
-        self._validate(model, opponent, rounds_per_episode, episodes_per_iteration, iterations_per_epoch,
-                       action_mode, actions, max_new_tokens, lr, prefix_levels, dtype)
+        # Everything cheap is validated before any model is loaded.
+        self.agent_cfgs = agent_configs(agents)
+        self.strategies = list(strategies or [])
+        self.lora, self.ppo_cfg = lora or LoraSpec(), ppo or PPOConfig()
+        self._validate()
         self.game = MatrixGame.from_spec(game, "game")
-        _validate_lora(lora or LoraSpec())
-        if init_adapter is not None:
-            check_adapter(init_adapter, lora or LoraSpec())
         self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt)
         self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
-        self.lora = lora or LoraSpec()
-        self.ppo_cfg = ppo or PPOConfig()
         self.agent_names = [a.name for a in self.agent_cfgs]
         self.trained = [a.name for a in self.agent_cfgs if a.train]
-        self.opponent_name = opponent
-        self.kl_ctl = {a: self._new_kl() for a in self.agent_names}
-        self.moments = {a: RunningMoments() for a in self.agent_names}
+        self.learners: dict[str, PPOLearner] = {a: make_learner(algorithm, self.ppo_cfg) for a in self.agent_names}
         # One opponent (and random stream) per (agent, strategy), kept across switches: a Random opponent met
         # again after a schedule switch continues its stream instead of replaying it.
         self.opponents: dict[tuple[str, str], Opponent] = {}
+        self.opponent_name = opponent
         self.set_opponent(opponent)
-        self.episode = 0
-        self.iteration = 0
+        self.episode = self.iteration = 0
         self.streams = Streams.from_seed(seed, "rank", 0)
+        self.pairing_gen = generator(seed, "pairing")  # identical on every process: all play the same pairs
         self.policy: Policy | None = None
-        self.tokenizer = None
-        self.renderer: PromptRenderer | None = None
-        self.sampler: ActionSampler | None = None
+        self.tokenizer = self.renderer = self.sampler = None
         self.last_samples: dict[str, AgentSamples] = {}
         self.last_action_types: dict[str, torch.Tensor] = {}  # agent -> [6] frequencies of the last iteration
         self.metrics = torch.nn.ModuleDict({a: self._new_metrics() for a in self.agent_names})
+        self.members = [*self.agent_names, *self.strategies]
+        self.population = PopulationPayoffs(self.members)
+        self.selection_learners = ({a: make_learner(algorithm, self.ppo_cfg) for a in self.agent_names}
+                                   if pairing == "selection" else {})
+        self.selection_matrix = SelectionMatrix(self.agent_names, self.members)
+        self.latest = {m: int(x) for m, x in zip(self.members, torch.randint(0, 2, (len(self.members),),
+                                                                             generator=generator(seed, "latest")))}
+        self.selectors: dict[str, tuple[SelectionRenderer, ActionSampler]] = {}
+        self.last_selection: dict[str, AgentSamples] = {}
         self.eval_cfg = (EvalConfig(**evaluation) if isinstance(evaluation, dict)
                          else dataclasses.replace(evaluation) if evaluation is not None else EvalConfig())
 
     # ---- configuration ------------------------------------------------------------------------
-    def _validate(self, model, opponent, rounds, episodes, iterations, mode, actions, max_new, lr, levels,
-                  dtype) -> None:
-        models.validate_model_spec(model)
-        check_choice("dtype", dtype, models.DTYPES)
-        if not 1 <= len(self.agent_cfgs) <= 2:
-            raise ConfigError(f"agents: expected one or two agents; got {len(self.agent_cfgs)}")
-        names = [a.name for a in self.agent_cfgs]
-        for i, n in enumerate(names):
-            if not AGENT_NAME.match(str(n)):
-                raise ConfigError(f"agents[{i}].name: got {n!r}; allowed: agent_0, agent_1")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"agents: names must be distinct; got {names}")
-        check_choice("opponent", opponent, OPPONENT_NAMES)
-        if opponent == LLM_OPPONENT and len(names) != 2:
-            raise ConfigError("opponent: 'llm' (self-play) needs two agents (agent_0 and agent_1); "
-                              f"got {len(names)} agent(s)")
-        for field_name, v in (("rounds_per_episode", rounds), ("episodes_per_iteration", episodes),
-                              ("iterations_per_epoch", iterations), ("max_new_tokens", max_new), ("lr", lr),
-                              ("prefix_levels", levels)):
-            check_positive(field_name, v, allow_zero=field_name == "prefix_levels")
-            if field_name != "lr" and not isinstance(v, int):
-                raise ConfigError(f"{field_name}: got {v!r}; must be a whole number > 0")
-        if not math.isfinite(lr):
-            raise ConfigError(f"lr: got {lr!r}; must be a finite number > 0")
-        check_choice("action_mode", mode, ("constrained", "free"))
-        validate_actions(actions)
+    def _validate(self) -> None:
+        hp = self.hparams
+        validate_basics(hp.model, hp.dtype, hp.action_mode, hp.actions)
+        validate_agents(self.agent_cfgs, self.strategies)
+        validate_population(self.agent_names_of_cfg(), self.strategies, hp.pairing, list(OPPONENTS))
+        check_choice("algorithm", hp.algorithm, LEARNERS)
+        for i, a in enumerate(self.agent_cfgs):
+            check_choice(f"agents[{i}].opponent" if a.opponent else "opponent", a.opponent or hp.opponent,
+                         OPPONENT_NAMES)
+        validate_sizes(rounds_per_episode=hp.rounds_per_episode, episodes_per_iteration=hp.episodes_per_iteration,
+                       iterations_per_epoch=hp.iterations_per_epoch, max_new_tokens=hp.max_new_tokens, lr=hp.lr,
+                       prefix_levels=hp.prefix_levels)
+        validate_lora(self.lora)
+        if hp.pairing == "fixed":
+            fixed_pairs(self.agent_names_of_cfg(), self._opponent_names(hp.opponent))  # llm agents pair up evenly
+        if hp.init_adapter is not None:
+            check_adapter(hp.init_adapter, self.lora)
 
-    def _new_kl(self) -> KLController:
-        c = self.ppo_cfg
-        return KLController(c.init_kl_coef, c.target_kl if c.kl_penalty == "adaptive" else None, c.kl_horizon)
+    def agent_names_of_cfg(self) -> list[str]:
+        return [a.name for a in self.agent_cfgs]
+
+    def _opponent_names(self, default: str) -> dict[str, str]:
+        """agent -> its opponent under ``pairing: fixed`` (its own, else ``default``)."""
+        return {a.name: a.opponent or default for a in self.agent_cfgs}
 
     def _new_metrics(self) -> torch.nn.ModuleDict:
         return torch.nn.ModuleDict({
@@ -256,17 +232,31 @@ class MoralPPO(pl.LightningModule):
             "util": MoralRegret("utilitarian", payoffs=self.game.payoffs, illegal_penalty=self.hparams.illegal_penalty),
         })
 
+    @property
+    def kl_ctl(self) -> dict:
+        """agent -> its KL controller."""
+        return {a: learner.kl for a, learner in self.learners.items()}
+
+    @property
+    def moments(self) -> dict:
+        """agent -> its running reward statistics."""
+        return {a: learner.moments for a, learner in self.learners.items()}
+
+    def opponent_for(self, agent: str, name: str) -> Opponent:
+        """The fixed strategy ``name`` that ``agent`` meets (one instance and stream per pair, kept for the run)."""
+        if (agent, name) not in self.opponents:
+            seed = opponent_seed(self.hparams.seed, agent, name, self.global_rank)
+            self.opponents[(agent, name)] = make_opponent(name, seed=seed)
+        return self.opponents[(agent, name)]
+
     def set_opponent(self, name: str) -> None:
-        """Switch every agent's opponent (a fixed strategy name or ``llm``); used by OpponentSchedule."""
+        """Switch the run's opponent (a fixed strategy name or ``llm``); used by OpponentSchedule."""
         check_choice("opponent", name, OPPONENT_NAMES)
-        if name == LLM_OPPONENT and len(self.agent_names) != 2:
-            raise ConfigError("opponent: 'llm' needs two agents")
+        if self.hparams.pairing == "fixed":
+            for agent, opp in fixed_pairs(self.agent_names_of_cfg(), self._opponent_names(name)):
+                if opp in OPPONENTS:
+                    self.opponent_for(agent, opp)
         self.opponent_name = name
-        if name != LLM_OPPONENT:
-            for a in self.agent_names:
-                if (a, name) not in self.opponents:
-                    seed = opponent_seed(self.hparams.seed, a, name, self.global_rank)
-                    self.opponents[(a, name)] = make_opponent(name, seed=seed)
 
     def set_reward(self, agent: str, reward: str | dict) -> None:
         """Switch an agent's reward (used by RewardSchedule); statistics and KL state carry on."""
@@ -278,25 +268,29 @@ class MoralPPO(pl.LightningModule):
         """Load the base model and build adapters and value heads (once)."""
         if self.policy is not None:
             return
+        hp = self.hparams
         # Loading may build and initialise weights (the tiny model, the first time): keep it off torch's global
         # RNG so the adapters' initialisation depends on the seed only, not on what the cache held.
         with torch.random.fork_rng(devices=[]):
-            base, self.tokenizer = models.load(self.hparams.model, self.hparams.dtype)
-        self.policy = Policy(base, self.agent_names, self.lora, self.hparams.value_head_dropout,
-                             self.hparams.prefix_levels)
-        if self.hparams.init_adapter:
-            start = read_adapter(self.hparams.init_adapter)
+            base, self.tokenizer = models.load(hp.model, hp.dtype)
+        self.policy = Policy(base, self.agent_names, self.lora, hp.value_head_dropout, hp.prefix_levels)
+        if hp.init_adapter:
+            start = read_adapter(hp.init_adapter)
             for agent in self.agent_names:
                 self.policy.load_adapter_state(agent, start)
-        if self.hparams.gradient_checkpointing:
+        if hp.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         self.renderer = PromptRenderer(self.tokenizer, self.game, self.style)
         limit = getattr(base.config, "max_position_embeddings", None)
-        need = self.renderer.max_prompt_len + self.hparams.max_new_tokens
+        need = self.renderer.max_prompt_len + hp.max_new_tokens
         if limit is not None and need > limit:
-            raise ConfigError(f"model: prompts need {need} tokens but {self.hparams.model!r} has a context of {limit}")
-        self.sampler = ActionSampler(self.policy, self.renderer, self.hparams.action_mode,
-                                     self.hparams.max_new_tokens, naive=self.hparams.naive)
+            raise ConfigError(f"model: prompts need {need} tokens but {hp.model!r} has a context of {limit}")
+        self.sampler = ActionSampler(self.policy, self.renderer, hp.action_mode, hp.max_new_tokens, naive=hp.naive)
+        if hp.pairing == "selection":
+            for a in self.agent_names:
+                r = SelectionRenderer(self.tokenizer, [m for m in self.members if m != a], self.style.actions,
+                                      self.renderer._wrap)
+                self.selectors[a] = (r, ActionSampler(self.policy, r, "constrained", naive=hp.naive))
 
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -334,12 +328,85 @@ class MoralPPO(pl.LightningModule):
 
         self.log_dict(run_test(self), on_step=False, on_epoch=True, batch_size=1)
 
-    # ---- one PPO iteration ----------------------------------------------------------------------
+    # ---- one iteration ------------------------------------------------------------------------------
+    def pairs(self) -> list[tuple[str, str]]:
+        """This iteration's pairs of population members (agent names, strategy names)."""
+        pairing = self.hparams.pairing
+        members = [*self.agent_names, *self.strategies]
+        if pairing == "round_robin":
+            return round_robin_pairs(members, self.agent_names)
+        if pairing == "random":
+            return random_pairs(members, self.agent_names, self.pairing_gen)
+        return fixed_pairs(self.agent_names, self._opponent_names(self.opponent_name))
+
     def matches(self) -> list[Match]:
+        """This iteration's matches: each pair with its fixed strategy (if any) as that agent's own opponent."""
         n = self._local_games()
-        if self.opponent_name == LLM_OPPONENT:
-            return [Match(("agent_0", "agent_1"), n)]
-        return [Match((a, self.opponents[(a, self.opponent_name)]), n) for a in self.agent_names]
+        out = []
+        for a, b in self.pairs():
+            if a not in self.agent_names:  # a strategy in seat 0 meets the agent in seat 1
+                out.append(Match((self.opponent_for(b, a), b), n))
+            elif b not in self.agent_names:
+                out.append(Match((a, self.opponent_for(a, b)), n))
+            else:
+                out.append(Match((a, b), n))
+        return out
+
+    # ---- partner selection (pairing: selection) ---------------------------------------------------------
+    @torch.no_grad()
+    def _select(self) -> dict[str, tuple]:
+        """Every agent picks the partner of each of its games: ``agent -> (moves, pid [n], partner of each game)``."""
+        n, out = self._local_games(), {}
+        for a in self.agent_names:
+            r, sampler = self.selectors[a]
+            sampler.reset()  # the weights changed since the last iteration
+            pid = torch.full((n,), r.pid(self.latest), dtype=torch.long)
+            (mv,) = sampler.act([(a, pid)], self.streams.sampling)
+            out[a] = (mv, pid, [r.candidates[c] for c in mv.choice.tolist()])
+        return out
+
+    def _selected_matches(self, picks: dict[str, tuple]) -> list[Match]:
+        """One match per (selector, picked partner), holding the selector's games with that partner (seat 0)."""
+        out = []
+        for a, (_, _, games) in picks.items():
+            for partner in [m for m in self.members if m in games]:
+                other = partner if partner in self.agent_names else self.opponent_for(a, partner)
+                out.append(Match((a, other), games.count(partner)))
+        return out
+
+    def _selection_samples(self, a: str, mv, pid: torch.Tensor, games: list[str], played) -> AgentSamples:
+        """The selector's decisions as samples of their own, each rewarded with the selector's mean reward over the
+        game it led to (protocol section 14; AIES'24 rewards a selection with the round it led to)."""
+        parts = {s.opponent: s for s in played[a] if (s.seat == 0).all()}
+        reward, pay_me, pay_other = (torch.zeros(len(games)) for _ in range(3))
+        seen: dict[str, int] = {}
+        for g, partner in enumerate(games):
+            j = seen[partner] = seen.get(partner, -1) + 1  # the j-th game of this selector with this partner
+            s = parts[partner]
+            at = s.episode == j
+            reward[g], pay_me[g], pay_other[g] = s.reward[at].mean(), s.payoff_me[at].mean(), s.payoff_other[at].mean()
+        old_logp, mask = pad_rows(mv.logp)
+        zeros = torch.zeros(len(games), dtype=torch.long)
+        r, _ = self.selectors[a]
+        return AgentSamples(agent=a, opponent="selection", pid=pid, choice=mv.choice, responses=mv.responses,
+                            action=mv.choice, other_action=zeros, prev_me=zeros, prev_other=zeros,
+                            episode=torch.arange(len(games)), round=zeros, seat=zeros, payoff_me=pay_me,
+                            payoff_other=pay_other, reward=reward, components={}, old_logp=old_logp,
+                            ref_logp=pad_rows(mv.ref_logp)[0], values=pad_rows(mv.values)[0],
+                            entropy=pad_rows(mv.entropy)[0], mask=mask, format_mass=mv.format_mass,
+                            table=r.token_ids, candidates=r.action_ids)
+
+    def _population_metrics(self, played, picks) -> None:
+        """Every member's payoffs this iteration (for collective payoff, equality, minimum), the selection counts,
+        and the members' latest moves for the next selection prompt."""
+        for parts in played.values():
+            for s in parts:
+                self.population.update(s.agent, s.payoff_me)
+                if s.opponent not in played and s.opponent in self.members:
+                    self.population.update(s.opponent, s.payoff_other)
+        for a, (_, _, games) in picks.items():
+            self.selection_matrix.update(a, games)
+        self.latest = latest_moves(played, self.members, self.latest)
 
     def _local_games(self) -> int:
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -351,146 +418,85 @@ class MoralPPO(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         t0 = time.perf_counter()
         self.policy.eval()
-        played = play(self.sampler, self.matches(), self.game, self.hparams.rounds_per_episode, self.rewards,
-                      self.streams)
+        picks = self._select() if self.hparams.pairing == "selection" else {}
+        matches = self._selected_matches(picks) if picks else self.matches()
+        played = play(self.sampler, matches, self.game, self.hparams.rounds_per_episode, self.rewards, self.streams)
+        self.last_selection = {a: self._selection_samples(a, mv, pid, games, played) for a, (mv, pid, games)
+                               in picks.items()}
+        self._population_metrics(played, picks)
         samples = {a: merge(parts) for a, parts in played.items()}
+        self.last_played = played  # agent -> samples per match, before merging
         for agent, s in samples.items():
-            self._check_finite(s.reward, "reward", agent)
+            self.check_finite(s.reward, "reward", agent)
         t1 = time.perf_counter()
         self.policy.train()
         logs: dict[str, float] = {}
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for agent, opt in zip(self.trained, optimizers):
-            logs.update(self._update(agent, samples[agent], opt))
+            self.policy.activate(agent)
+            if agent in samples:  # a random pairing may leave an agent out of an iteration
+                logs.update(self.learners[agent].update(agent, samples[agent], opt, self, self.device))
+            if agent in self.last_selection:
+                sel = self.selection_learners[agent].update(agent, self.last_selection[agent], opt, self, self.device)
+                logs.update({f"selection/{k}": v for k, v in sel.items()})
         t2 = time.perf_counter()
         self.policy.eval()
         self.episode += self.hparams.episodes_per_iteration
         self.iteration += 1
         self.last_samples = samples
-        moves = sum(len(s) for s in samples.values()) * (self.trainer.world_size if self._trainer else 1)
+        moves = sum(len(s) for s in samples.values()) * self.world_size
         logs.update({"perf/moves_per_s": moves / (t2 - t0), "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
                      "perf/episode": float(self.episode)})
         self.last_perf = {"moves": moves, "rollout_s": t1 - t0, "update_s": t2 - t1}
         self._log_iteration(samples, logs)
 
-    def _update(self, agent: str, s: AgentSamples, opt) -> dict[str, float]:
-        """PPO update of one agent on its samples (TRL-legacy step, protocol section 6)."""
-        cfg, dev = self.ppo_cfg, self.device
-        self.policy.activate(agent)
-        scores = s.reward.clone()
-        if cfg.normalize_rewards:
-            # Statistics over every process's games, so all processes normalise alike (as one process would).
-            self.moments[agent].update(self._gather(scores) if self._distributed() else scores)
-            scores = self.moments[agent].normalize(scores)
-        rewards, kl = kl_rewards(scores, s.old_logp, s.ref_logp, s.mask.float(), self.kl_ctl[agent].value)
-        adv, ret = gae(rewards, s.values, s.mask.float(), cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = whiten(adv, s.mask.float())
-        old_logp, old_values, mask = s.old_logp.to(dev), s.values.to(dev), s.mask.to(dev).float()
-        adv, ret = adv.to(dev), ret.to(dev)
-        n, t = s.mask.shape
-        size = math.ceil(n / cfg.minibatches)
-        passes = cfg.ppo_epochs * math.ceil(n / size)
-        stats: list[dict[str, torch.Tensor]] = []
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self.streams.minibatch)
-            for k in range(0, n, size):
-                idx = perm[k:k + size]
-                # The obvious path backpropagates sample by sample (a plain loop's gradient accumulation;
-                # holding every sample's full-vocabulary graph at once does not fit in memory). The masked
-                # means of ppo_loss are token-weighted sums, so the weighted parts add up to the same loss.
-                parts = [idx[j:j + 1] for j in range(len(idx))] if self.hparams.naive else [idx]
-                total = mask[idx].sum().clamp_min(1.0)
-                loss, st = torch.zeros((), device=dev), {}
-                for part in parts:
-                    out = {k: pad_steps(v, t) for k, v in self._score(agent, s, part).items() if k != "mask"}
-                    l_part, st_part = ppo_loss(out["logp"], old_logp[part], out["values"], old_values[part],
-                                               ret[part], adv[part], mask[part], cfg, out["entropy"])
-                    w = mask[part].sum() / total
-                    self._check_finite(l_part, "loss", agent)
-                    with self._without_ddp_reducer():
-                        self.manual_backward(w * l_part / passes if cfg.paper_compat else w * l_part)
-                    loss = loss + w * l_part.detach()
-                    st = {key: st.get(key, 0.0) + w * v for key, v in st_part.items()}
-                if not cfg.paper_compat:
-                    self._step(opt, agent)
-                stats.append({**st, "total": loss.detach()})
-        if cfg.paper_compat:
-            # The original's effective update: one Adam step on the average of all passes' gradients.
-            self._step(opt, agent)
-        # The KL controller sees every process's games, so its coefficient stays identical on all processes.
-        world = self.trainer.world_size if self._distributed() else 1
-        mean_kl = (self._gather(kl.sum(1).mean()).mean() if world > 1 else kl.sum(1).mean()).item()
-        self.kl_ctl[agent].update(mean_kl, n * world)
-        avg = {k: torch.stack([x[k] for x in stats]).mean().item() for k in stats[0]}
-        ev = explained_variance(s.values, ret.cpu(), s.mask.float()).item()
-        return {
-            f"loss/policy/{agent}": avg["policy"], f"loss/value/{agent}": avg["value"],
-            f"loss/total/{agent}": avg["total"], f"policy/entropy/{agent}": avg["entropy"],
-            f"policy/approx_kl/{agent}": avg["approx_kl"], f"policy/clipfrac/{agent}": avg["clipfrac"],
-            f"policy/ratio/{agent}": avg["ratio"], f"policy/kl/{agent}": mean_kl,
-            f"policy/kl_coef/{agent}": self.kl_ctl[agent].value, f"value/clipfrac/{agent}": avg["value_clipfrac"],
-            f"value/explained_variance/{agent}": ev, f"reward/normalized/{agent}": scores.mean().item(),
-        }
+    # ---- what a learner needs (lit_moral.learners.Hooks) ----------------------------------------------
+    @property
+    def naive(self) -> bool:
+        return self.hparams.naive
 
-    def _score(self, agent: str, s: AgentSamples, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        table = self.renderer.token_ids
-        naive = self.hparams.naive
-        if self.hparams.action_mode == "constrained":
-            return self.policy.score_samples(agent, table, s.pid[idx], candidates=self.renderer.action_ids,
-                                             choice=s.choice[idx], naive=naive)
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if is_distributed(self._trainer) else 1
+
+    @property
+    def minibatch_generator(self) -> torch.Generator:
+        return self.streams.minibatch
+
+    def score(self, agent: str, s: AgentSamples, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        table = s.table if s.table is not None else self.renderer.token_ids
+        if s.candidates is not None or self.hparams.action_mode == "constrained":
+            cands = s.candidates if s.candidates is not None else self.renderer.action_ids
+            return self.policy.score_samples(agent, table, s.pid[idx], candidates=cands, choice=s.choice[idx],
+                                             naive=self.hparams.naive)
         return self.policy.score_samples(agent, table, s.pid[idx], responses=[s.responses[i] for i in idx.tolist()],
-                                         naive=naive)
+                                         naive=self.hparams.naive)
 
-    def _without_ddp_reducer(self):
-        """Skip the DDP wrapper's gradient reducer: it expects one backward per forward over every parameter,
-        while an iteration runs many backward passes that each touch one agent. ``_average_gradients``
-        averages across processes instead."""
-        model = self.trainer.strategy.model if self._trainer is not None else None
-        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    def backward_part(self, loss: torch.Tensor) -> None:
+        with without_ddp_reducer(self._trainer):
+            self.manual_backward(loss)
 
-    def _distributed(self) -> bool:
-        dist = torch.distributed
-        return (self._trainer is not None and self.trainer.world_size > 1 and dist.is_available()
-                and dist.is_initialized())
-
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's ``x`` concatenated (flattened), on the CPU; collectives run on the module's device."""
         return self.all_gather(x.to(self.device)).reshape(-1).cpu()
 
-    def _average_gradients(self, agent: str) -> None:
-        """Average ``agent``'s gradients over all processes (one all-reduce); a no-op in one process."""
-        if not self._distributed():
-            return
-        dist = torch.distributed
-        params = [p for _, p in self.policy.agent_parameters(agent)]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.trainer.world_size
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-
-    def _step(self, opt, agent: str) -> None:
-        self._average_gradients(agent)
+    def step_agent(self, opt, agent: str) -> None:
+        params = self.policy.agent_parameters(agent)
+        if is_distributed(self._trainer):
+            average_gradients([p for _, p in params], self.trainer.world_size)
         if self.ppo_cfg.max_grad_norm > 0:
             self.clip_gradients(opt, gradient_clip_val=self.ppo_cfg.max_grad_norm, gradient_clip_algorithm="norm")
-        for name, p in self.policy.agent_parameters(agent):
+        for name, p in params:
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 raise FloatingPointError(f"non-finite gradient in {name} at iteration {self.iteration}, agent {agent}; "
                                          "the last good checkpoint is kept")
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def _check_finite(self, x: torch.Tensor, what: str, agent: str) -> None:
+    def check_finite(self, x: torch.Tensor, what: str, agent: str) -> None:
         """Stop the run (every process at once) when ``x`` holds a NaN or infinity."""
-        bad = torch.tensor(float(not torch.isfinite(x).all()), device=self.device)
-        if self._distributed():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
+        if any_true(not bool(torch.isfinite(x).all()), self.device):
             raise FloatingPointError(f"non-finite {what} at iteration {self.iteration}, agent {agent}; "
                                      "the last good checkpoint is kept")
 
@@ -504,10 +510,9 @@ class MoralPPO(pl.LightningModule):
             m["util"](s.action, s.other_action, s.prev_other, s.seat)
             types = m["types"](s.action, s.prev_other)
             self.last_action_types[agent] = types
-            self.log(f"game/coop_rate/{agent}", m["coop"], on_step=True, on_epoch=False, prog_bar=True)
-            self.log(f"game/illegal_rate/{agent}", m["illegal"], on_step=True, on_epoch=False)
-            self.log(f"moral/regret_deontological/{agent}", m["deon"], on_step=True, on_epoch=False)
-            self.log(f"moral/regret_utilitarian/{agent}", m["util"], on_step=True, on_epoch=False)
+            for key, metric in (("game/coop_rate", "coop"), ("game/illegal_rate", "illegal"),
+                                ("moral/regret_deontological", "deon"), ("moral/regret_utilitarian", "util")):
+                self.log(f"{key}/{agent}", m[metric], on_step=True, on_epoch=False, prog_bar=metric == "coop")
             for name, v in zip(ACTION_TYPES, types.tolist()):
                 logs[f"actions/{name}/{agent}"] = v
             logs[f"reward/total/{agent}"] = s.reward.mean().item()
@@ -515,8 +520,24 @@ class MoralPPO(pl.LightningModule):
                 logs[f"reward/{k}/{agent}"] = v.float().mean().item()
             if self.hparams.action_mode == "constrained":
                 logs[f"game/format_mass/{agent}"] = s.format_mass.mean().item()
+        logs.update(self._population_logs(samples))
         logs["step"] = float(self.episode)  # TensorBoard's x-axis is episodes, as in the paper
         self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=True)
+
+    def _population_logs(self, samples: dict[str, AgentSamples]) -> dict[str, float]:
+        """``population/*``: collective payoff, equality, minimum payoff, cooperation per reward type (runs with
+        more than one member playing), and the selections' entropy."""
+        stats = {k: float(v) for k, v in self.population.compute().items()}
+        self.population.reset()
+        if len(self.members) < 2 or len(samples) + len(self.strategies) < 2:
+            return {}
+        out = {f"population/{k}": v for k, v in stats.items()}
+        by_type: dict[str, list[torch.Tensor]] = {}
+        for agent, s in samples.items():
+            by_type.setdefault(self.rewards[agent].name, []).append(s.action)
+        for name, acts in by_type.items():
+            out[f"population/coop_rate/{name}"] = float((torch.cat(acts) == 0).float().mean())
+        return out
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -534,7 +555,7 @@ class MoralPPO(pl.LightningModule):
         """Every process's random state in rank order: its streams, torch's global RNG (dropout), opponents."""
         mine = {"streams": self.streams.state_dict(), "torch": torch.get_rng_state(),
                 "opponents": {f"{a}|{name}": o.state_dict() for (a, name), o in self.opponents.items()}}
-        if not self._distributed():
+        if not is_distributed(self._trainer):
             return [mine]
         out: list = [None] * self.trainer.world_size
         torch.distributed.all_gather_object(out, mine)
@@ -553,8 +574,10 @@ class MoralPPO(pl.LightningModule):
             "fingerprint": self.fingerprint(), "episode": self.episode, "iteration": self.iteration,
             "opponent": self.opponent_name,
             "rewards": {a: {"weights": dict(r.weights), "name": r.name} for a, r in self.rewards.items()},
-            "kl": {a: c.state_dict() for a, c in self.kl_ctl.items()},
-            "moments": {a: m.state_dict() for a, m in self.moments.items()},
+            "learners": {a: learner.state_dict() for a, learner in self.learners.items()},
+            "selection_learners": {a: learner.state_dict() for a, learner in self.selection_learners.items()},
+            "selection_counts": self.selection_matrix.counts.cpu(), "latest": dict(self.latest),
+            "pairing_gen": self.pairing_gen.get_state(),
             "rng": self._rng_states(),
         }
 
@@ -569,10 +592,16 @@ class MoralPPO(pl.LightningModule):
         # The config is authoritative: its reward and opponent stay (a RewardSchedule / OpponentSchedule
         # re-applies the entry of the restored episode before the next iteration).
         self.episode, self.iteration = int(state["episode"]), int(state["iteration"])
-        for a, c in state["kl"].items():
-            self.kl_ctl[a].load_state_dict(c)
-        for a, m in state["moments"].items():
-            self.moments[a].load_state_dict(m)
+        for a, learner_state in state["learners"].items():
+            self.learners[a].load_state_dict(learner_state)
+        for a, learner_state in state.get("selection_learners", {}).items():
+            if a in self.selection_learners:
+                self.selection_learners[a].load_state_dict(learner_state)
+        if "selection_counts" in state and state["selection_counts"].shape == self.selection_matrix.counts.shape:
+            self.selection_matrix.counts.copy_(state["selection_counts"])
+        self.latest.update({m: v for m, v in state.get("latest", {}).items() if m in self.latest})
+        if "pairing_gen" in state:
+            self.pairing_gen.set_state(state["pairing_gen"])
         rng = state.get("rng", [])
         if self.global_rank < len(rng):
             # A process beyond the saved world size keeps the fresh stream ``setup`` seeded.
@@ -582,6 +611,4 @@ class MoralPPO(pl.LightningModule):
             for key, o in mine["opponents"].items():
                 agent, name = key.split("|")
                 if agent in self.agent_names:
-                    opp = self.opponents.setdefault(
-                        (agent, name), make_opponent(name, seed=opponent_seed(self.hparams.seed, agent, name)))
-                    opp.load_state_dict(o)
+                    self.opponent_for(agent, name).load_state_dict(o)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from lit_moral.games import ILLEGAL, MatrixGame, effective_action, next_prev, random_moves
+from lit_moral.games import ILLEGAL, MatrixGame, effective_action, lookup, next_prev, random_moves
 from lit_moral.opponents import Opponent
 from lit_moral.padding import pad_rows, pad_steps
 from lit_moral.policy import BASE, Policy
@@ -34,9 +34,13 @@ class AgentSamples:
         episode, round: ``[N]`` indices within the iteration. opponent: name of the other player.
         seat: ``[N]`` 0 = row player, 1 = column player of its match (the column player's table is
             ``game.view(1)``).
+        payoff_me, payoff_other: ``[N]`` both players' game payoffs from this player's view, an illegal answer
+            counting as the last legal move (the illegal player's own reward is the penalty, not this payoff).
         reward: ``[N]`` total reward. components: name -> ``[N]``.
         old_logp, ref_logp, values, entropy: ``[N, T]``; mask: ``[N, T]`` bool.
         format_mass: ``[N]`` probability outside the legal strings (constrained) or NaN (free).
+        table, candidates: the prompt table (token ids by prompt id) and candidate strings these samples were drawn
+            from, when not the run's game prompts (partner-selection decisions); None otherwise.
     """
 
     agent: str
@@ -51,6 +55,8 @@ class AgentSamples:
     episode: torch.Tensor
     round: torch.Tensor
     seat: torch.Tensor
+    payoff_me: torch.Tensor
+    payoff_other: torch.Tensor
     reward: torch.Tensor
     components: dict[str, torch.Tensor]
     old_logp: torch.Tensor
@@ -59,6 +65,8 @@ class AgentSamples:
     entropy: torch.Tensor
     mask: torch.Tensor
     format_mass: torch.Tensor
+    table: object = None
+    candidates: list | None = None
 
     def __len__(self) -> int:
         return self.pid.shape[0]
@@ -239,42 +247,49 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
          rewards: dict[str, RewardSpec], streams: Streams) -> dict[str, list[AgentSamples]]:
     """Play ``rounds`` rounds of every match in parallel (protocol sections 2-3, 5).
 
-    Each game starts from a random previous-move state: an agent's move uniform (from ``streams.states``),
-    a fixed opponent's from its ``first_move`` (its own stream). Option orders come from
-    ``streams.orders`` and actions from ``streams.sampling``. The player in seat 1 of a match is the column
-    player: it sees and is paid by ``game.view(1)``. An illegal answer leaves the player's remembered move
-    unchanged and counts as that move for the other player's payoff.
+    Each round, the moves of every LLM player of every match are sampled in one :meth:`ActionSampler.act`
+    (one mixed-adapter forward over the distinct prompts not yet memoised). Each game starts from a random
+    previous-move state: an agent's move uniform (from ``streams.states``), a fixed opponent's from its
+    ``first_move`` (its own stream). Option orders come from ``streams.orders`` and actions from
+    ``streams.sampling``. The player in seat 1 of a match is the column player: it sees and is paid by
+    ``game.view(1)``. An illegal answer leaves the player's remembered move unchanged and counts as that move
+    for the other player's payoff.
 
     Returns:
-        agent name -> one AgentSamples per match the agent plays in.
+        agent name -> one AgentSamples per match the agent plays in (in match order).
     """
     sampler.reset()
     views = (game.view(0), game.view(1))
-    out: dict[str, list[AgentSamples]] = {}
-    for m in matches:
-        prev = [random_moves(m.n, streams.states) if isinstance(p, str) else p.first_move(m.n) for p in m.players]
-        rec: dict[int, list[dict]] = {i: [] for i, p in enumerate(m.players) if isinstance(p, str)}
-        for r in range(rounds):
-            acts: list[torch.Tensor | None] = [None, None]
-            reqs, who = [], []
+    prev = [[random_moves(m.n, streams.states) if isinstance(p, str) else p.first_move(m.n) for p in m.players]
+            for m in matches]
+    rec = [{i: [] for i, p in enumerate(m.players) if isinstance(p, str)} for m in matches]
+    for r in range(rounds):
+        acts: list[list[torch.Tensor | None]] = [[None, None] for _ in matches]
+        reqs, who = [], []
+        for k, m in enumerate(matches):
             for i, p in enumerate(m.players):
                 if isinstance(p, str):
-                    pid = sampler.renderer.sample_ids(prev[i], prev[1 - i], streams.orders, seat=i)
+                    pid = sampler.renderer.sample_ids(prev[k][i], prev[k][1 - i], streams.orders, seat=i)
                     reqs.append((p, pid))
-                    who.append((i, pid))
+                    who.append((k, i, pid))
                 else:
-                    acts[i] = p.act(prev[1 - i], prev[i])
-            for (i, pid), mv in zip(who, sampler.act(reqs, streams.sampling)):
-                acts[i] = mv.action
-                rec[i].append({"pid": pid, "mv": mv, "round": r})
-            eff = [effective_action(acts[i], prev[i]) for i in range(2)]
-            for i in rec:
-                total, comps = compute_reward(rewards[m.players[i]], acts[i], eff[1 - i], prev[1 - i],
+                    acts[k][i] = p.act(prev[k][1 - i], prev[k][i])
+        for (k, i, pid), mv in zip(who, sampler.act(reqs, streams.sampling)):
+            acts[k][i] = mv.action
+            rec[k][i].append({"pid": pid, "mv": mv, "round": r})
+        for k, m in enumerate(matches):
+            eff = [effective_action(acts[k][i], prev[k][i]) for i in range(2)]
+            for i in rec[k]:
+                total, comps = compute_reward(rewards[m.players[i]], acts[k][i], eff[1 - i], prev[k][1 - i],
                                               views[i].payoffs)
-                rec[i][-1].update(action=acts[i], other=eff[1 - i], prev_me=prev[i], prev_other=prev[1 - i],
-                                  reward=total, comps=comps)
-            prev = [next_prev(acts[i], prev[i]) for i in range(2)]
-        for i, rows in rec.items():
+                pay_me, pay_other = lookup(views[i].payoffs, eff[i], eff[1 - i])
+                rec[k][i][-1].update(action=acts[k][i], other=eff[1 - i], prev_me=prev[k][i],
+                                     prev_other=prev[k][1 - i], reward=total, comps=comps, payoff_me=pay_me,
+                                     payoff_other=pay_other)
+            prev[k] = [next_prev(acts[k][i], prev[k][i]) for i in range(2)]
+    out: dict[str, list[AgentSamples]] = {}
+    for m, rows_by_seat in zip(matches, rec):
+        for i, rows in rows_by_seat.items():
             out.setdefault(m.players[i], []).append(_collect(m.players[i], _name(m.players[1 - i]), rows, m.n, i))
     return out
 
@@ -293,7 +308,8 @@ def _collect(agent: str, opponent: str, rows: list[dict], n: int, seat: int) -> 
         choice=torch.cat([mv.choice for mv in mvs]), responses=flat("responses"),
         action=cat("action"), other_action=cat("other"), prev_me=cat("prev_me"), prev_other=cat("prev_other"),
         episode=torch.arange(n).repeat(len(rows)), round=torch.cat([torch.full((n,), r["round"]) for r in rows]),
-        seat=torch.full((n * len(rows),), seat), reward=cat("reward"), components=comps, old_logp=old_logp,
+        seat=torch.full((n * len(rows),), seat), payoff_me=cat("payoff_me"), payoff_other=cat("payoff_other"),
+        reward=cat("reward"), components=comps, old_logp=old_logp,
         ref_logp=ref_logp, values=values, entropy=entropy, mask=mask,
         format_mass=torch.cat([mv.format_mass for mv in mvs]),
     )
@@ -307,7 +323,7 @@ def merge(parts: Sequence[AgentSamples]) -> AgentSamples:
     out = {}
     for f in fields(AgentSamples):
         vals = [getattr(p, f.name) for p in parts]
-        if f.name == "agent":
+        if f.name in ("agent", "table", "candidates"):
             out[f.name] = vals[0]
         elif f.name == "opponent":
             out[f.name] = "+".join(vals)

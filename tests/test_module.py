@@ -85,8 +85,9 @@ def test_config_errors_name_field_and_allowed_values_before_loading(monkeypatch)
         (dict(action_mode="greedy"), ["action_mode", "constrained", "free"]),
         (dict(actions=("act", "act")), ["actions", "differ"]),
         (dict(actions=("action1", "action12")), ["actions", "prefix"]),
-        (dict(opponent="llm"), ["opponent", "two agents"]),
-        (dict(agents=[AgentConfig(name="alice")]), ["agents[0].name", "agent_0"]),
+        (dict(opponent="llm"), ["opponent", "two by two"]),
+        (dict(agents=[AgentConfig(name="2nd")]), ["agents[0].name", "letters, digits"]),
+        (dict(agents=[AgentConfig(name="base")]), ["agents[0].name", "not base"]),
     ]
     for kwargs, needles in cases:
         with pytest.raises(ConfigError) as e:

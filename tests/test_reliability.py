@@ -326,9 +326,9 @@ BAD_INPUTS = [
     (dict(actions=("act", "act")), "actions: the two action strings must differ; got ['act', 'act']"),
     (dict(actions=("act", "action")), "actions: one action string is a prefix of the other (['act', 'action']); "
                                       "choose strings such as action1/action2"),
-    (dict(opponent="grim"), "opponent: unknown value 'grim'; allowed: tft, always_cooperate, always_defect, random, llm"),
+    (dict(opponent="nobody"), "opponent: unknown value 'nobody'; allowed: tft, always_cooperate, always_defect, random"),
     (dict(game="PD"), "game: unknown value 'PD' (did you mean 'IPD'?); allowed: IPD, ISH, ICN, BOS, ICD"),
-    (dict(agents=[AgentConfig(name="alice")]), "agents[0].name: got 'alice'; allowed: agent_0, agent_1"),
+    (dict(agents=[AgentConfig(name="alice"), AgentConfig(name="alice")]), "agents: names must be distinct; got ['alice', 'alice']"),
     (dict(episodes_per_iteration=0), "episodes_per_iteration: got 0; must be a number > 0"),
     (dict(rounds_per_episode=-1), "rounds_per_episode: got -1; must be a number > 0"),
     (dict(iterations_per_epoch=0), "iterations_per_epoch: got 0; must be a number > 0"),
