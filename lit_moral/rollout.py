@@ -263,7 +263,7 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
                     reqs.append((p, pid))
                     who.append((i, pid))
                 else:
-                    acts[i] = p.act(prev[1 - i], prev[i])
+                    acts[i] = p.act(prev[1 - i], prev[i], payoffs=views[i].payoffs)
             for (i, pid), mv in zip(who, sampler.act(reqs, streams.sampling)):
                 acts[i] = mv.action
                 rec[i].append({"pid": pid, "mv": mv, "round": r})
