@@ -57,7 +57,7 @@ class TitForTat(Opponent):
 
     name = "tft"
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         return learner_prev.clone()
 
 
@@ -67,7 +67,7 @@ class AlwaysCooperate(Opponent):
     def first_move(self, n: int) -> torch.Tensor:
         return torch.full((n,), C, dtype=torch.long)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         return torch.full_like(learner_prev, C)
 
 
@@ -77,7 +77,7 @@ class AlwaysDefect(Opponent):
     def first_move(self, n: int) -> torch.Tensor:
         return torch.full((n,), D, dtype=torch.long)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         return torch.full_like(learner_prev, D)
 
 
@@ -86,7 +86,7 @@ class RandomOpponent(Opponent):
 
     name = "random"
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         return random_moves(learner_prev.shape[0], self.generator)
 
 
@@ -103,7 +103,7 @@ class GrimTrigger(Opponent):
     def first_move(self, n: int) -> torch.Tensor:
         return torch.full((n,), C, dtype=torch.long)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         return ((learner_prev == D) | (own_prev == D)).long()
 
 
@@ -119,7 +119,7 @@ class Pavlov(Opponent):
     def first_move(self, n: int) -> torch.Tensor:
         return torch.full((n,), C, dtype=torch.long)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         if payoffs is None:
             raise ValueError("pavlov: act needs payoffs, the [2, 2, 2] game as pavlov sees it (its own payoff "
                              "first), e.g. game.view(seat).payoffs")
@@ -136,7 +136,7 @@ class SuspiciousTitForTat(Opponent):
     def first_move(self, n: int) -> torch.Tensor:
         return torch.full((n,), D, dtype=torch.long)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         return learner_prev.clone()
 
 
@@ -163,7 +163,7 @@ class GenerousTitForTat(Opponent):
         super().__init__(seed)
         self.forgiveness = _probability("generous_tft: forgiveness", forgiveness)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         u = torch.rand(learner_prev.shape[0], generator=self.generator).to(learner_prev.device)
         return torch.where((learner_prev == D) & (u < self.forgiveness), torch.full_like(learner_prev, C), learner_prev)
 
@@ -185,7 +185,7 @@ class NoisyTitForTat(Opponent):
         super().__init__(seed)
         self.noise = _probability("noisy_tft: noise", noise)
 
-    def act(self, learner_prev, own_prev, payoffs=None) -> torch.Tensor:
+    def act(self, learner_prev: torch.Tensor, own_prev: torch.Tensor, payoffs: torch.Tensor | None = None) -> torch.Tensor:
         u = torch.rand(learner_prev.shape[0], generator=self.generator).to(learner_prev.device)
         return torch.where(u < self.noise, 1 - learner_prev, learner_prev)
 

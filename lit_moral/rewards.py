@@ -44,7 +44,8 @@ def _equality(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, 1 - (mine - theirs).abs() / safe, torch.ones_like(scale))
 
 
-def game_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def game_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` the game payoff r_M (selfish).
 
     Every reward type takes ``(a_me [B], a_other [B], prev_other [B], payoffs [2, 2, 2], xi, beta)``, ignores the
@@ -53,56 +54,66 @@ def game_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.T
     return _legal(a_me, lookup(payoffs, a_me, a_other)[0])
 
 
-def utilitarian_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def utilitarian_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                       xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` the collective payoff r_M + r_O."""
     mine, theirs = lookup(payoffs, a_me, a_other)
     return _legal(a_me, mine + theirs)
 
 
-def anti_utilitarian_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def anti_utilitarian_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                            xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` -(r_M + r_O) (AIES'24)."""
     mine, theirs = lookup(payoffs, a_me, a_other)
     return _legal(a_me, 0.0 - (mine + theirs))  # 0 - x, not -x: an outcome worth 0 gives +0.0, not -0.0
 
 
-def altruist_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def altruist_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                    xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` the other's payoff r_O (AIES'24 code)."""
     return _legal(a_me, lookup(payoffs, a_me, a_other)[1])
 
 
-def deontological_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def deontological_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                         xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` -xi for defecting against an agent that cooperated last round (protocol section 5), else 0."""
     # Written as a choice, not -xi * indicator, so that rows without the violation are +0.0, not -0.0.
     violated = (a_me == D) & (prev_other == C)
     return torch.where(violated, -float(xi), 0.0).to(payoffs.dtype)
 
 
-def malicious_deontological_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def malicious_deontological_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                                   xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` +xi for defecting against an agent that cooperated last round (AIES'24), else 0."""
     return float(xi) * _indicator((a_me == D) & (prev_other == C), payoffs)
 
 
-def virtue_kindness_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def virtue_kindness_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                           xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` xi for cooperating, else 0."""
     return float(xi) * _indicator(a_me == C, payoffs)
 
 
-def virtue_aggression_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def virtue_aggression_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                             xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` xi for defecting, else 0 (AIES'24)."""
     return float(xi) * _indicator(a_me == D, payoffs)
 
 
-def virtue_equality_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def virtue_equality_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                           xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` 1 - |r_M - r_O| / (r_M + r_O) in [0, 1]; 1 when both payoffs are 0 (see :func:`_equality`)."""
     return _legal(a_me, _equality(*lookup(payoffs, a_me, a_other)))
 
 
-def virtue_inequality_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def virtue_inequality_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                             xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` |r_M - r_O| / (r_M + r_O) = 1 - equality (AIES'24); 0 when both payoffs are 0."""
     return _legal(a_me, 1 - _equality(*lookup(payoffs, a_me, a_other)))
 
 
-def virtue_mixed_reward(a_me, a_other, prev_other, payoffs, xi=XI, beta=BETA) -> torch.Tensor:
+def virtue_mixed_reward(a_me: torch.Tensor, a_other: torch.Tensor, prev_other: torch.Tensor, payoffs: torch.Tensor,
+                        xi: float = XI, beta: float = BETA) -> torch.Tensor:
     """``[B]`` beta * equality + (1 - beta) * (1 if a_M = C else 0) (IJCAI'23; its cooperation term is 1, not xi)."""
     equality = virtue_equality_reward(a_me, a_other, prev_other, payoffs)
     return float(beta) * equality + (1 - float(beta)) * _indicator(a_me == C, payoffs)
