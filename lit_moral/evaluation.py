@@ -48,7 +48,8 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
     "explicit_ipd": ("eval", "original", "explicit_ipd"),
     "story": ("eval", "original", "story"),
 }
-EVAL_OPPONENTS = ("random", "tft", "always_cooperate", "always_defect", LLM_OPPONENT)
+EVAL_OPPONENTS = (*OPPONENTS, LLM_OPPONENT)  # allowed; the default plays the paper's four and the other agents
+DEFAULT_EVAL_OPPONENTS = ("random", "tft", "always_cooperate", "always_defect", LLM_OPPONENT)
 BASE_LABEL = "base"
 
 
@@ -81,7 +82,7 @@ class EvalConfig:
     episodes: int = 10
     rounds: int = 5
     games: list[str] = field(default_factory=lambda: list(GAME_NAMES))
-    opponents: list[str] = field(default_factory=lambda: list(EVAL_OPPONENTS))
+    opponents: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_OPPONENTS))
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     eval_actions: tuple[str, str] = ("action3", "action4")
     seed: int = 1234

@@ -25,8 +25,10 @@ def play(agent: Agent, rounds: int, opponent: str = "human", seed: int = 0, samp
     """Play ``rounds`` rounds; returns both totals. ``ask``/``say`` are the terminal (tests pass scripted ones)."""
     gen = torch.Generator().manual_seed(seed)
     game: MatrixGame = agent.game
-    prev_me, prev_other = (("C", "D")[int(x)] for x in torch.randint(0, 2, (2,), generator=gen))
     fixed = make_opponent(opponent, seed=seed) if opponent != "human" else None
+    prev_me = ("C", "D")[int(torch.randint(0, 2, (), generator=gen))]
+    # the other's "previous" move of the first prompt: a fixed strategy's own opening (grim C, suspicious_tft D, ...)
+    prev_other = ACTION_NAMES[int(fixed.first_move(1)[0])] if fixed else ("C", "D")[int(torch.randint(0, 2, (), generator=gen))]
     totals = {"agent": 0.0, "other": 0.0}
     say(f"{game.name}: you are the column player. Payoffs (agent, you): CC {_pay(game, 0, 0)}, CD {_pay(game, 0, 1)}, "
         f"DC {_pay(game, 1, 0)}, DD {_pay(game, 1, 1)}. C = {agent.style.actions[0]}, D = {agent.style.actions[1]}.")
@@ -41,7 +43,8 @@ def play(agent: Agent, rounds: int, opponent: str = "human", seed: int = 0, samp
                 break
         else:
             o = ACTION_NAMES[int(fixed.act(torch.tensor([ACTION_NAMES.index(prev_me)]),
-                                           torch.tensor([ACTION_NAMES.index(prev_other)]))[0])]
+                                           torch.tensor([ACTION_NAMES.index(prev_other)]),
+                                           payoffs=game.view(1).payoffs)[0])]
         mine, theirs = (float(x) for x in game.payoffs[ACTION_NAMES.index(a), ACTION_NAMES.index(o)])
         totals["agent"] += mine
         totals["other"] += theirs

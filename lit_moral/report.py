@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lit_moral.errors import ConfigError
 from lit_moral.games import ACTION_NAMES, ACTION_TYPES, PAYOFF_TABLES
+from lit_moral.rewards import COMPONENTS
 
 TYPE_KEYS = ACTION_TYPES
 # Metrics read from a column of rounds.csv (the rest derive from ``action`` and ``prev_other``): a summary
@@ -29,7 +30,7 @@ CELL = ("model", "game", "variant", "opponent")
 REQUIRED = ("run", "episode", *CELL, "action", "prev_other")
 ROUND_COLUMNS = ("run", "seed", "model", "game", "variant", "opponent", "episode", "round", "prev_me",
                  "prev_other", "action", "other_action", "legal", "answer", "payoff_me", "payoff_other", "reward",
-                 "reward_xi", "reward_game", "reward_deontological", "reward_utilitarian", "reward_illegal",
+                 "reward_xi", *(f"reward_{c}" for c in COMPONENTS), "reward_illegal",
                  "xi", "illegal_penalty", "regret_deontological", "regret_utilitarian")
 _MOVES = {"action": ACTION_NAMES, "prev_other": ACTION_NAMES[:2], "prev_me": ACTION_NAMES[:2],
           "other_action": ACTION_NAMES[:2]}

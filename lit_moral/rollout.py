@@ -273,7 +273,7 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
                     reqs.append((p, pid))
                     who.append((k, i, pid))
                 else:
-                    acts[k][i] = p.act(prev[k][1 - i], prev[k][i])
+                    acts[k][i] = p.act(prev[k][1 - i], prev[k][i], payoffs=views[i].payoffs)
         for (k, i, pid), mv in zip(who, sampler.act(reqs, streams.sampling)):
             acts[k][i] = mv.action
             rec[k][i].append({"pid": pid, "mv": mv, "round": r})
