@@ -1,11 +1,12 @@
-"""Peak memory with two agents vs one agent (two LoRA adapters on one base vs one), one JSON line.
+"""Peak memory and update time with N agents on one base (N LoRA adapters, value heads, Adam states), one JSON line.
 
-Each setup runs in its own process (peak RSS is per process; on CUDA, max allocated memory):
+Each population size runs in its own process (peak RSS is per process; on CUDA, max allocated memory):
 
-    python benchmarks/memory.py --model smollm2-135m-instruct --games 64
+    python benchmarks/memory.py --model smollm2-135m-instruct --games 64 --agents 1 2 4 8 16
 
-Both setups play the same number of games per agent; one agent plays Tit-for-Tat, two agents play
-each other. ``ratio`` = two-agent peak / one-agent peak.
+Every agent plays the same number of games against its own Tit-for-Tat, so the work per agent is the same:
+``ratio_to_smallest`` = peak memory / the smallest population's, ``update_per_agent_ratio`` = update seconds per
+agent / the smallest population's (no cost that grows with N beyond the agents' own work: ~1).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 def measure(agents: int, args) -> dict:
     cmd = [sys.executable, str(HERE / "throughput.py"), "--model", args.model, "--agents", str(agents),
            "--games", str(args.games), "--iterations", str(args.iterations), "--ppo-epochs", str(args.ppo_epochs),
-           "--action-mode", args.action_mode]
+           "--action-mode", args.action_mode, "--opponent", "tft", "--lora-layers", str(args.lora_layers)]
     if args.device:
         cmd += ["--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -37,11 +38,19 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--action-mode", default="constrained")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--agents", type=int, nargs="+", default=[1, 2], help="population sizes to measure")
+    ap.add_argument("--lora-layers", type=int, default=0)
     args = ap.parse_args()
-    one, two = measure(1, args), measure(2, args)
-    print(json.dumps({"model": args.model, "device": one["device"], "games_per_agent": args.games,
-                      "peak_mem_mb_one_agent": one["peak_mem_mb"], "peak_mem_mb_two_agents": two["peak_mem_mb"],
-                      "ratio": two["peak_mem_mb"] / one["peak_mem_mb"]}))
+    runs = {n: measure(n, args) for n in args.agents}
+    base = runs[min(runs)]
+    print(json.dumps({"model": args.model, "device": base["device"], "games_per_agent": args.games,
+                      "lora_layers": args.lora_layers,
+                      "peak_mem_mb": {n: r["peak_mem_mb"] for n, r in runs.items()},
+                      "ratio_to_smallest": {n: r["peak_mem_mb"] / base["peak_mem_mb"] for n, r in runs.items()},
+                      "update_s_per_agent": {n: r["update_s_per_agent"] for n, r in runs.items()},
+                      "update_per_agent_ratio": {n: r["update_s_per_agent"] / base["update_s_per_agent"]
+                                                 for n, r in runs.items()},
+                      "iteration_s": {n: sum(r["time_split_s"].values()) for n, r in runs.items()}}))
 
 
 if __name__ == "__main__":

@@ -31,20 +31,23 @@ import torch
 
 from lit_moral import models
 from lit_moral.module import AgentConfig, MoralPPO
-from lit_moral.policy import LoraSpec, auto_levels, build_prompt_tree
+from lit_moral.policy import LoraSpec
 from lit_moral.ppo import PPOConfig
+from lit_moral.prefix_tree import auto_levels, build_prompt_tree
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def build(args, naive: bool) -> MoralPPO:
     spec = f"shape:{args.model}" if args.model in models.SHAPES else args.model
-    agents = [AgentConfig("agent_0", "deontological"), AgentConfig("agent_1", "game")][: args.agents]
-    return MoralPPO(model=spec, dtype=args.dtype, agents=agents, opponent="llm" if args.agents == 2 else "tft",
+    rewards = ("deontological", "game", "utilitarian", "game_deontological")
+    agents = [AgentConfig(f"agent_{i}", rewards[i % len(rewards)]) for i in range(args.agents)]
+    opponent = "llm" if args.opponent == "llm" else args.opponent
+    return MoralPPO(model=spec, dtype=args.dtype, agents=agents, opponent=opponent,
                     rounds_per_episode=args.rounds, episodes_per_iteration=args.games,
                     iterations_per_epoch=args.iterations + (0 if naive else 1), action_mode=args.action_mode, lr=1e-4,
-                    lora=LoraSpec(r=8, alpha=16), ppo=PPOConfig(ppo_epochs=args.ppo_epochs, minibatches=args.minibatches),
-                    naive=naive)
+                    lora=LoraSpec(r=8, alpha=16, layers=args.lora_layers),
+                    ppo=PPOConfig(ppo_epochs=args.ppo_epochs, minibatches=args.minibatches), naive=naive)
 
 
 class _Timer(pl.Callback):
@@ -61,7 +64,7 @@ def run(args, naive: bool) -> dict:
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
     trainer = pl.Trainer(max_epochs=1, accelerator=accel, devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                         precision="bf16-mixed" if accel == "gpu" and args.dtype == "float32" else None)
+                         precision=args.precision or ("bf16-mixed" if accel == "gpu" and args.dtype == "float32" else None))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(m)
@@ -96,7 +99,12 @@ def update_mfu(args, m: MoralPPO, update_s: float) -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--agents", type=int, choices=(1, 2), default=2)
+    ap.add_argument("--agents", type=int, default=2, help="LLM agents (each with its own adapter, update, optimizer)")
+    ap.add_argument("--opponent", default=None, help="tft (each agent vs its own TFT) or llm (agents in pairs); "
+                                                      "default: llm for exactly 2 agents, else tft")
+    ap.add_argument("--lora-layers", type=int, default=0, help="LoRA on the top k decoder layers (0: all); with a "
+                                                               "Llama-family model the trunk below is shared")
+    ap.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed (default: 32, bf16-mixed on GPU)")
     ap.add_argument("--games", type=int, default=256, help="games per agent per iteration")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ppo-epochs", type=int, default=4)
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--naive-iterations", type=int, default=1)
     ap.add_argument("--compare-naive", action="store_true")
     args = ap.parse_args(argv)
+    args.opponent = args.opponent or ("llm" if args.agents == 2 else "tft")
     t0 = time.time()
     fast = run(args, naive=False)
     m = fast.pop("_module")
@@ -118,9 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
               "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else f"cpu ({torch.get_num_threads()} threads)"),
               "model": args.model, "dtype": args.dtype,
-              "setup": {"agents": args.agents, "games_per_agent": args.games, "rounds": args.rounds,
-                        "ppo_epochs": args.ppo_epochs, "minibatches": args.minibatches,
-                        "action_mode": args.action_mode}}
+              "setup": {"agents": args.agents, "opponent": args.opponent, "games_per_agent": args.games,
+                        "rounds": args.rounds, "ppo_epochs": args.ppo_epochs, "minibatches": args.minibatches,
+                        "action_mode": args.action_mode, "lora_layers": args.lora_layers,
+                        "shared_trunk": m.policy.trunk is not None, "precision": args.precision},
+              "update_s_per_agent": fast["time_split_s"]["update"] / max(1, len(m.trained))}
     del m
     if args.compare_naive:
         args.iterations = args.naive_iterations

@@ -89,6 +89,9 @@ def validate_lora(lora: LoraSpec) -> None:
             raise ConfigError(f"lora.{name}: got {v!r}; must be a whole number > 0")
     if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
         raise ConfigError(f"lora.dropout: got {lora.dropout!r}; must be a number in [0, 1)")
+    layers = getattr(lora, "layers", 0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ConfigError(f"lora.layers: got {layers!r}; must be a whole number >= 0 (0 = every decoder layer)")
 
 
 def validate_basics(model: str, dtype: str, mode: str, actions) -> None:

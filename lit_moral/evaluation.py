@@ -328,6 +328,10 @@ def run_test(module) -> dict[str, float]:
     out = output_dir(trainer, cfg)
     scalars = finish(rows, meta, out, cfg.plots, exp, module.episode)
     module.last_evaluation = (out, meta, summarize(rows))  # for the summary the CLI prints
+    if getattr(module.hparams, "pairing", "fixed") == "selection" and trainer.is_global_zero:
+        from lit_moral.callbacks import write_selection
+
+        write_selection(module, out)  # the run's partner selections, beside the evaluation of its agents
     return {k: v for k, v in scalars.items() if k.count("/") == 2}
 
 

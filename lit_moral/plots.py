@@ -149,3 +149,24 @@ def figures(summary: Sequence[dict], meta: dict) -> dict[str, object]:
     if len(meta["variants"]) > 1:
         out["variants.png"] = variants_figure(summary, meta)
     return out
+
+
+def selection_figure(shares, selectors: Sequence[str], members: Sequence[str], title: str = ""):
+    """Heatmap of partner selection: row = selector, column = picked member, cell = share of its picks."""
+    import numpy as np
+
+    data = np.asarray(shares, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(members), 1.0 + 0.5 * len(selectors)))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(members)), members, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(selectors)), selectors, fontsize=8)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if data[i, j] < 0.6 else "black")
+    ax.set_xlabel("picked partner")
+    ax.set_ylabel("selector")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the selector's picks")
+    ax.set_title(title or "Partner selection", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import DynamicCache
 
-from lit_moral.padding import pad_rows
+from lit_moral.padding import pad_rows, pad_steps
+from lit_moral.prefix_tree import auto_levels, build_prompt_tree
 
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches: the reference policy
 
@@ -37,12 +38,16 @@ class LoraSpec:
         alpha: LoRA scaling numerator (scale = alpha / r).
         dropout: dropout on the adapter input during updates (duplicates in a batch share one mask).
         target_modules: module names to adapt, or "all-linear".
+        layers: adapt only the top ``layers`` decoder layers (peft's ``layers_to_transform``); 0 = all layers.
+            With a Llama-family model the layers below carry no adapter, so their outputs are computed once
+            per prompt under no_grad and shared by every agent, the reference, the rollout and every update epoch.
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    layers: int = 0
 
 
 class ValueHead(nn.Module):
@@ -75,86 +80,77 @@ class TreeOutput:
     cont_len: torch.Tensor | None
 
 
-@dataclass
-class _Level:
-    tokens: list[list[int]] = field(default_factory=list)
-    parent: list[int] = field(default_factory=list)
-    adapter: list[str] = field(default_factory=list)
+# Models whose decoder can be run from hidden states (``inputs_embeds`` is used as the layers' input as is): the
+# shared trunk splits them at a layer. Gemma's decoders scale their input embeddings, so they run whole.
+TRUNK_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_TRUNK_MEMO = 4096  # distinct sequences whose trunk outputs are kept (the 2-token modes have a few dozen)
 
 
-def _lcp(seqs: Sequence[Sequence[int]], start: int) -> int:
-    """Length of the common prefix of ``seqs[i][start:]``."""
-    first = seqs[0]
-    n = min(len(s) for s in seqs) - start
-    for k in range(n):
-        t = first[start + k]
-        if any(s[start + k] != t for s in seqs[1:]):
-            return k
-    return n
+class Trunk:
+    """The frozen lower layers of a partial-LoRA model, computed once per distinct token sequence.
 
+    With LoRA on the top ``L - split`` layers only, layers ``0 .. split-1`` (and the embeddings) are the same for
+    every agent and the reference, and do not change during training: their output at every position of a prompt
+    (and of a continuation after it) is computed once under no_grad, through the same prefix tree, and kept; the
+    engine then runs only the top layers, from those hidden states, with gradient when training.
 
-def build_prompt_tree(prompts: Sequence[tuple[str, Sequence[int]]], levels: int) -> tuple[list[_Level], list[int]]:
-    """Split unique (adapter, tokens) prompts into ``levels`` levels of shared prefixes.
-
-    Every prompt becomes one path of exactly ``levels`` nodes, each holding at least one token, so
-    the key/value cache can be extended level by level. A node is shared by all prompts below it;
-    prompts under different adapters never share a node (LoRA changes keys and values). Prompts
-    must be longer than ``levels`` tokens.
-
-    Returns:
-        ``(levels, leaf)``: the levels and, for each prompt, its row in the last level.
+    Attributes:
+        split: the first adapted layer. bottom, top: views of the decoder holding layers below / from ``split``
+            (sharing their modules and weights; not registered, so parameters are not counted twice).
     """
-    out = [_Level() for _ in range(levels)]
-    leaf = [0] * len(prompts)
 
-    def add(depth: int, tokens: Sequence[int], parent: int, adapter: str) -> int:
-        out[depth].tokens.append(list(tokens))
-        out[depth].parent.append(parent)
-        out[depth].adapter.append(adapter)
-        return len(out[depth].tokens) - 1
+    def __init__(self, decoder: nn.Module, split: int) -> None:
+        import copy
 
-    def build(idx: list[int], start: int, depth: int, parent: int, adapter: str) -> None:
-        seqs = [prompts[i][1] for i in idx]
-        remaining = levels - depth
-        if remaining == 1:
-            for i, s in zip(idx, seqs):
-                leaf[i] = add(depth, s[start:], parent, adapter)
-            return
-        # Leave at least one token for each level below this one.
-        take = min(_lcp(seqs, start), min(len(s) for s in seqs) - start - (remaining - 1))
-        if len(idx) == 1 or take < 1:
-            for i, s in zip(idx, seqs):
-                cut = len(s) - (remaining - 1)
-                build([i], cut, depth + 1, add(depth, s[start:cut], parent, adapter), adapter)
-            return
-        row = add(depth, seqs[0][start:start + take], parent, adapter)
-        if remaining == 2:
-            build(idx, start + take, depth + 1, row, adapter)
-            return
-        groups: dict[int, list[int]] = {}
-        for i, s in zip(idx, seqs):
-            groups.setdefault(s[start + take], []).append(i)
-        for members in groups.values():
-            build(members, start + take, depth + 1, row, adapter)
+        self.split = split
+        self.bottom, self.top = copy.copy(decoder), copy.copy(decoder)
+        for view, layers, norm in ((self.bottom, decoder.layers[:split], nn.Identity()),
+                                   (self.top, decoder.layers[split:], decoder.norm)):
+            view._modules = dict(decoder._modules)
+            view._modules["layers"], view._modules["norm"] = nn.ModuleList(list(layers)), norm
+        self.memo: dict[tuple, torch.Tensor] = {}
 
-    by_adapter: dict[str, list[int]] = {}
-    for i, (a, _) in enumerate(prompts):
-        by_adapter.setdefault(a, []).append(i)
-    for a, idx in by_adapter.items():
-        build(idx, 0, 0, -1, a)
-    return out, leaf
+    @torch.no_grad()
+    def hidden(self, policy: Policy, prompts, conts) -> dict[tuple, torch.Tensor]:
+        """``memo`` after computing what is missing: prompt tokens -> ``[L, H]``, (prompt, continuation) -> ``[T, H]``."""
+        want_p = {tuple(t) for _, t in prompts}
+        want_c = {(tuple(prompts[i][1]), tuple(c)) for i, c in conts if len(c)}
+        missing_c = sorted(k for k in want_c if k not in self.memo)
+        missing_p = sorted({p for p in want_p if p not in self.memo} | {p for p, _ in missing_c})
+        if missing_p:
+            if len(self.memo) > _TRUNK_MEMO:
+                self.memo.clear()
+                return self.hidden(policy, prompts, conts)
+            self._compute(policy, missing_p, missing_c)
+        return self.memo
 
-
-def auto_levels(prompts: Sequence[tuple[str, Sequence[int]]], max_levels: int = 8) -> int:
-    """The smallest tree depth that reaches the fewest tokens to run (each level is one more pass)."""
-    shortest = min(len(t) for _, t in prompts)
-    best, best_tokens = 1, sum(len(t) for _, t in prompts)
-    for lv in range(2, min(max_levels, shortest) + 1):
-        levels, _ = build_prompt_tree(prompts, lv)
-        tokens = sum(len(t) for level in levels for t in level.tokens)
-        if tokens < best_tokens:
-            best, best_tokens = lv, tokens
-    return best
+    def _compute(self, policy: Policy, prompts: list[tuple], conts: list[tuple]) -> None:
+        tree_prompts = [(BASE, list(p)) for p in prompts]
+        levels, leaf = build_prompt_tree(tree_prompts, min(auto_levels(tree_prompts), min(len(p) for p in prompts)))
+        levels = [lv for lv in levels if lv.tokens]
+        cache = mask = plen = None
+        hs = []
+        for d, lv in enumerate(levels):
+            if d > 0:
+                idx = torch.tensor(lv.parent, device=policy.lm_head.weight.device)
+                cache.batch_select_indices(idx)
+                mask, plen = mask[idx], plen[idx]
+            h, cache, mask, plen = policy._run_level(lv.tokens, lv.adapter, cache, mask, plen, decoder=self.bottom)
+            hs.append(h)
+        for i, p in enumerate(prompts):  # each prompt's hidden states: its path of nodes, top to bottom
+            row, parts = leaf[i], []
+            for d in range(len(levels) - 1, -1, -1):
+                parts.append(hs[d][row, :len(levels[d].tokens[row])])
+                row = levels[d].parent[row]
+            self.memo[p] = torch.cat(parts[::-1])
+        if conts:
+            where = {p: i for i, p in enumerate(prompts)}
+            sel = torch.tensor([leaf[where[p]] for p, _ in conts], device=policy.lm_head.weight.device)
+            cache.batch_select_indices(sel)
+            hc, _, _, _ = policy._run_level([list(c) for _, c in conts], [BASE] * len(conts), cache, mask[sel],
+                                            plen[sel], decoder=self.bottom)
+            for k, key in enumerate(conts):
+                self.memo[key] = hc[k, :len(key[1])]
 
 
 class Policy(nn.Module):
@@ -173,8 +169,16 @@ class Policy(nn.Module):
                  value_dropout: float = 0.0, prefix_levels: int = 0) -> None:
         super().__init__()
         lora = lora or LoraSpec()
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
+        n_layers = model.config.get_text_config().num_hidden_layers
+        if not 0 <= lora.layers <= n_layers:
+            raise ValueError(f"lora.layers: got {lora.layers}; the model has {n_layers} decoder layers")
+        top = list(range(n_layers - lora.layers, n_layers)) if lora.layers else None
+        targets = lora.target_modules
+        if top is not None and targets == "all-linear":  # peft takes layers_to_transform with named modules only
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_decoder().layers.named_modules()
+                              if isinstance(m, nn.Linear)})
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, layers_to_transform=top,
+                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
         self.agents = list(agents)
         self.model = get_peft_model(model, cfg, adapter_name=self.agents[0])
         for name in self.agents[1:]:
@@ -185,6 +189,8 @@ class Policy(nn.Module):
         # Set by gradient checkpointing: update forwards run whole sequences (see _forward_flat).
         self.flat_when_training = False
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        split = n_layers - lora.layers if lora.layers else 0
+        self.trunk = Trunk(self.decoder, split) if split and model.config.model_type in TRUNK_MODEL_TYPES else None
 
     # ---- adapters from files ----------------------------------------------------------------
     def load_adapter_state(self, agent: str, state: dict[str, torch.Tensor]) -> None:
@@ -246,9 +252,11 @@ class Policy(nn.Module):
         return logits
 
     def _run_level(self, tokens: list[list[int]], adapters: list[str], cache: DynamicCache | None,
-                   past_mask: torch.Tensor | None, past_len: torch.Tensor | None,
-                   ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
-        """Run one right-padded level on top of ``cache`` (already selected to these rows)."""
+                   past_mask: torch.Tensor | None, past_len: torch.Tensor | None, embeds: list | None = None,
+                   decoder: nn.Module | None = None) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run one right-padded level on top of ``cache`` (already selected to these rows), through ``decoder``
+        (default: the whole decoder), from token ids or, for the top of a shared trunk, from ``embeds``
+        (per row ``[len, H]`` trunk hidden states)."""
         device = self.lm_head.weight.device
         n, t = len(tokens), max(len(x) for x in tokens)
         ids = torch.zeros(n, t, dtype=torch.long, device=device)
@@ -267,8 +275,14 @@ class Policy(nn.Module):
         mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        with self._adapters(adapters):
-            out = self.decoder(**kwargs)
+        if embeds is not None:  # the top layers of a shared trunk: inputs are the trunk's hidden states
+            kwargs["inputs_embeds"] = torch.stack([pad_steps(e.T, t).T for e in embeds])
+            del kwargs["input_ids"]
+        # The frozen trunk holds no adapter: it runs as is, whatever the mode.
+        context = contextlib.nullcontext() if self.trunk is not None and decoder is self.trunk.bottom else \
+            self._adapters(adapters)
+        with context:
+            out = (decoder or self.decoder)(**kwargs)
         return out.last_hidden_state, out.past_key_values, key_mask, start + lens
 
     def _adapters(self, adapters: Sequence[str]):
@@ -301,16 +315,20 @@ class Policy(nn.Module):
         """
         if self.flat_when_training and self.training and torch.is_grad_enabled():
             return self._forward_flat(prompts, conts)
+        trunk = self.trunk.hidden(self, prompts, conts) if self.trunk is not None else None
         depth = self.prefix_levels or auto_levels(prompts)
         levels, leaf = build_prompt_tree(prompts, min(depth, min(len(t) for _, t in prompts)))
         levels = [lv for lv in levels if lv.tokens]
         cache = mask = plen = h = None
+        decoder = self.trunk.top if trunk is not None else None
         for d, lv in enumerate(levels):
             if d > 0:
                 idx = torch.tensor(lv.parent, device=self.lm_head.weight.device)
                 cache.batch_select_indices(idx)
                 mask, plen = mask[idx], plen[idx]
-            h, cache, mask, plen = self._run_level(lv.tokens, lv.adapter, cache, mask, plen)
+            embeds = None if trunk is None else [
+                trunk[tuple(prompts[i][1])][start:start + len(tok)] for (i, start), tok in zip(lv.source, lv.tokens)]
+            h, cache, mask, plen = self._run_level(lv.tokens, lv.adapter, cache, mask, plen, embeds, decoder)
         last = levels[-1]
         lens = torch.tensor([len(x) for x in last.tokens], device=h.device)
         leaf_t = torch.tensor(leaf, device=h.device)
@@ -322,8 +340,9 @@ class Policy(nn.Module):
         # Continuations: only non-empty rows run; empty rows get zero-length entries.
         sel = torch.tensor([leaf[i] for i, _ in rows], device=h.device)
         cache.batch_select_indices(sel)
+        embeds = None if trunk is None else [trunk[(tuple(prompts[i][1]), tuple(t))] for i, t in rows]
         hc, _, _, _ = self._run_level([t for _, t in rows], [prompts[i][0] for i, _ in rows], cache,
-                                      mask[sel], plen[sel])
+                                      mask[sel], plen[sel], embeds, decoder)
         cont_h = hc.new_zeros(len(conts), hc.shape[1], hc.shape[2])
         nonempty = torch.tensor([k for k, (_, t) in enumerate(conts) if len(t) > 0], device=h.device)
         cont_h = cont_h.index_copy(0, nonempty, hc)
@@ -344,7 +363,16 @@ class Policy(nn.Module):
         for i in alone:
             first_row[i] = len(seqs)
             seqs.append((prompts[i][0], list(prompts[i][1])))
-        h, _, _, _ = self._run_level([t for _, t in seqs], [a for a, _ in seqs], None, None, None)
+        embeds = decoder = None
+        if self.trunk is not None:
+            trunk, decoder = self.trunk.hidden(self, prompts, conts), self.trunk.top
+            def full(k: int, i: int) -> torch.Tensor:  # trunk hidden states of row k: its prompt, then its continuation
+                p = tuple(prompts[i][1])
+                c = tuple(conts[k][1]) if k < len(conts) else ()
+                return torch.cat([trunk[p], trunk[(p, c)]]) if c else trunk[p]
+
+            embeds = [full(k, i) for k, i in enumerate([i for i, _ in conts] + alone)]
+        h, _, _, _ = self._run_level([t for _, t in seqs], [a for a, _ in seqs], None, None, None, embeds, decoder)
         dev = h.device
         plen = torch.tensor([len(t) for _, t in prompts], device=dev)
         rows = torch.tensor([first_row[i] for i in range(len(prompts))], device=dev)

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from lit_moral.games import MatrixGame
-from lit_moral.policy import BASE, LoraSpec, Policy, auto_levels, build_prompt_tree
+from lit_moral.policy import BASE, LoraSpec, Policy
+from lit_moral.prefix_tree import auto_levels, build_prompt_tree
 from lit_moral.prompts import PromptRenderer
 
 
-def _policy(tiny, agents=("agent_0", "agent_1"), levels=0, perturb=True, seed=0):
+def _policy(tiny, agents=("agent_0", "agent_1"), levels=0, perturb=True, seed=0, layers=0):
     model, tok = tiny
     import copy
 
-    pol = Policy(copy.deepcopy(model), list(agents), LoraSpec(r=4, alpha=8), prefix_levels=levels)
+    pol = Policy(copy.deepcopy(model), list(agents), LoraSpec(r=4, alpha=8, layers=layers), prefix_levels=levels)
     if perturb:
         g = torch.Generator().manual_seed(seed)
         for n, p in pol.named_parameters():
@@ -185,3 +186,51 @@ def test_single_adapter_batch_runs_the_named_adapter(tiny, active, named):
         got = pol.continuation_logprobs(prompts, conts, values=False)["logp"].detach()
         for k in range(3):
             torch.testing.assert_close(got[k, :len(want[k])], want[k], rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(pol, r, mode, agent="agent_0"):
+    g = torch.Generator().manual_seed(0)
+    pid = torch.randint(0, 16, (24,), generator=g)
+    pid[:6] = pid[0]
+    if mode == "constrained":
+        kwargs = {"candidates": r.action_ids, "choice": torch.randint(0, 2, (24,), generator=g)}
+    else:
+        vocab = len(r.tokenizer)
+        kwargs = {"responses": [tuple(torch.randint(0, vocab, (int(1 + k % 2),), generator=g).tolist()) for k in range(24)]}
+    params = [p for _, p in pol.agent_parameters(agent)]
+    out = pol.score_samples(agent, r.token_ids, pid, **kwargs)
+    loss = (out["logp"] * torch.linspace(-1, 1, out["logp"].numel()).view_as(out["logp"])).sum() \
+        + (out["values"] ** 2).sum() + out["entropy"].sum()
+    return out, loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("mode", ["constrained", "free"])
+def test_shared_trunk_equals_the_all_layers_path(tiny, mode, checkpointing):
+    """LoRA on the top layer only: the engine runs the frozen lower layer once (shared, no grad) and the top from
+    its hidden states; log-probs, values, entropies and gradients equal the whole-decoder path of the same model."""
+    pol, r = _policy(tiny, layers=1)
+    assert pol.trunk is not None and pol.trunk.split == 1
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in pol.agent_parameters("agent_0") if ".layers." in n}
+    assert adapted == {"1"}  # peft adapted the top layer only
+    if checkpointing:
+        pol.enable_gradient_checkpointing()
+    pol.train()
+    pol.activate("agent_0")
+    fast = _loss_and_grads(pol, r, mode)
+    assert pol.trunk.memo  # the trunk's outputs were kept
+    trunk, pol.trunk = pol.trunk, None  # the same partial-LoRA model, whole decoder
+    slow = _loss_and_grads(pol, r, mode)
+    for k in ("logp", "values", "entropy", "mask"):
+        torch.testing.assert_close(fast[0][k], slow[0][k], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+    rel = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(fast[2], slow[2]))
+    assert rel <= 1e-5, rel
+    # in eval mode, a mixed batch of both agents and the reference through the trunk equals the whole decoder
+    pol.eval()
+    prompts = [(a, r.token_ids[i]) for a in ("agent_0", "agent_1", BASE) for i in (0, 7)]
+    with torch.no_grad():
+        want = pol.candidate_logprobs(prompts, r.action_ids)["seq_logp"]
+        pol.trunk = trunk
+        got = pol.candidate_logprobs(prompts, r.action_ids)["seq_logp"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -161,3 +161,29 @@ def test_bad_population_settings_are_refused():
         tiny_module(agents=FOUR, pairing="round_robin", strategies=["titfortat"])
     with pytest.raises(ConfigError, match="agents\\[1\\].name"):
         tiny_module(agents=[AgentConfig("a"), AgentConfig("tft")], pairing="round_robin", strategies=["tft"])
+
+
+def test_debug_population_config_through_the_cli(tmp_path, monkeypatch):
+    """fit then test through the real CLI: selection heatmap in TensorBoard and files, every agent evaluated."""
+    from pathlib import Path
+
+    from lit_moral.cli import cli_main
+    from lit_moral.report import read_csv
+    from tests.helpers import scalars
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "debug_population.yaml")
+    cli = cli_main(["fit", "--config", config])
+    run = Path(cli.trainer.log_dir)
+    assert (run / "selection.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(read_csv(run / "selection.csv"))
+    assert [r["selector"] for r in rows] == ["selfish", "kind", "deontological"]
+    assert sum(int(r[m]) for r in rows for m in ("selfish", "kind", "deontological", "tft")) == 3 * 8 * 2
+    tags = scalars(run)
+    assert {"population/collective_payoff", "population/equality", "selection/loss/policy/kind",
+            "population/coop_rate/virtue_kindness"} <= set(tags)
+    test = cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    out = run / "evaluation"
+    models = {r["model"] for r in read_csv(out / "rounds.csv")}
+    assert models == {"selfish", "kind", "deontological", "base"} and (out / "selection.png").is_file()
+    assert test.model.episode == 16
