@@ -36,17 +36,16 @@ from lit_moral.rollout import ActionSampler
 from lit_moral.seeding import generator
 
 # Two-token labels in SmolLM2's tokenizer ("<word>", "<digit>"), digits mixed so that no pair is the evaluation's
-# action3/action4 or the training's action1/action2 (nor any other action1..action4 string). The last six put
-# the digits 3 and 4 (and 1 and 2) on other words in both orders: without them the warm-up left SmolLM2
-# preferring "action3" to "action4" (P(first label) 0.59-0.72 by state), a preference for a digit, not a move.
+# action3/action4 or the training's action1/action2 (nor any other action1..action4 string). These 24 made the
+# committed warm-up (docs/results/warmup); six more pairs with the digits 3/4 and 1/2 on other words, tried to
+# remove SmolLM2's preference for "action3" over "action4", did not reduce it (P(first label | D, C) 0.687 vs
+# 0.700 after 19 steps) and were dropped.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
     ("option1", "option2"), ("choice3", "choice7"), ("move2", "move5"), ("play4", "play9"), ("pick1", "pick6"),
     ("button3", "button8"), ("select2", "select7"), ("answer5", "answer1"), ("item6", "item3"), ("key9", "key4"),
     ("card7", "card2"), ("token8", "token5"), ("plan1", "plan9"), ("route4", "route6"), ("door2", "door8"),
     ("task3", "task5"), ("mode7", "mode1"), ("step6", "step4"), ("action5", "action8"), ("action9", "action6"),
     ("option8", "option3"), ("choice5", "choice9"), ("move7", "move4"), ("card1", "card6"),
-    ("option3", "option4"), ("move4", "move3"), ("card3", "card4"), ("step4", "step3"), ("key2", "key1"),
-    ("plan3", "plan4"),
 )
 MEASURE_PAIRS: tuple[tuple[str, str], ...] = (("action1", "action2"), ("action3", "action4"))
 STATES = ("CC", "CD", "DC", "DD")  # (my previous move, the other's previous move)
