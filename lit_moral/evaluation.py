@@ -31,7 +31,7 @@ from lit_moral.errors import ConfigError, check_choice, check_positive
 from lit_moral.games import ACTION_NAMES, GAME_NAMES, ILLEGAL, MatrixGame
 from lit_moral.opponents import LLM_OPPONENT, OPPONENTS, make_opponent
 from lit_moral.policy import BASE
-from lit_moral.prompts import N_PROMPT_IDS, PERSONAS, PromptRenderer, PromptStyle
+from lit_moral.prompts import PERSONAS, PromptRenderer, PromptStyle
 from lit_moral.rewards import deontological_regret, utilitarian_regret
 from lit_moral.rollout import ActionSampler, Match, play
 from lit_moral.seeding import Streams, derive_seed
@@ -128,7 +128,7 @@ class _EvalSampler(ActionSampler):
 
     def warm(self, players: Sequence[str]) -> None:
         """Run every prompt of the table for every player (not yet run) in one mixed-adapter forward."""
-        self._resolve([(a, p, ()) for a in players for p in range(N_PROMPT_IDS)])
+        self._resolve([(a, p, ()) for a in players for p in range(self.renderer.n_ids)])
 
 
 WARMUP_LABEL = "warmup"
@@ -170,7 +170,8 @@ def style_for(module, cfg: EvalConfig, variant: str, persona: str = "") -> Promp
     tokens, order, kind = VARIANTS[variant]
     actions = tuple(module.style.actions) if tokens == "training" else tuple(cfg.eval_actions)
     return PromptStyle(actions=actions, table_order=order, use_chat_template=module.style.use_chat_template,
-                       kind=kind, persona=persona, system_prompt=module.style.system_prompt)
+                       kind=kind, persona=persona, system_prompt=module.style.system_prompt,
+                       memory=module.style.memory)
 
 
 @torch.no_grad()

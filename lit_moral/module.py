@@ -123,6 +123,8 @@ class MoralPPO(pl.LightningModule):
             warm-up's ``<run>/adapters/agent_0``, or a lit_moral ``.ckpt``) instead of LoRA's zero start; its
             LoRA settings must match ``lora``. The KL reference stays the adapter-disabled base, and the
             evaluation shows the adapter alone as the ``warmup`` row.
+        memory: rounds of history the prompt shows (1 = the paper's memory-1 state, up to 4); each episode's
+            earlier rounds are drawn as the start state is, one draw per round.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class MoralPPO(pl.LightningModule):
         gradient_checkpointing: bool = False,
         system_prompt: str | None = None,
         init_adapter: str | None = None,
+        memory: int = 1,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -168,7 +171,7 @@ class MoralPPO(pl.LightningModule):
         self.lora, self.ppo_cfg = lora or LoraSpec(), ppo or PPOConfig()
         self._validate()
         self.game = MatrixGame.from_spec(game, "game")
-        self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt)
+        self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt, memory=memory)
         self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
         self.agent_names = [a.name for a in self.agent_cfgs]

@@ -23,7 +23,9 @@ from lit_moral.errors import ConfigError, check_choice
 from lit_moral.games import ILLEGAL, C, D, MatrixGame
 
 TABLE_ORDERS = ("original", "reversed", "permuted")
-N_PROMPT_IDS = 16
+N_PROMPT_IDS = 16  # prompts of one seat with memory 1; memory k: 4^k states x 4 option orders
+MAX_MEMORY = 4
+ROUNDS_AGO = {2: "Two rounds", 3: "Three rounds", 4: "Four rounds"}
 PROMPT_KINDS = ("game", "choice", "no_payoffs", "opponent_move", "explicit_ipd", "story")
 # One-sentence personas for the persona-prompted base-model baselines (protocol section 4).
 PERSONAS = {
@@ -63,13 +65,25 @@ def parse_action(text: str, actions: Sequence[str]) -> int:
 
 def prompt_id(prev_me: torch.Tensor, prev_other: torch.Tensor, order_1: torch.Tensor,
               order_2: torch.Tensor) -> torch.Tensor:
-    """``[B]`` prompt ids from four ``[B]`` bit tensors."""
-    return ((prev_me * 2 + prev_other) * 2 + order_1) * 2 + order_2
+    """``[B]`` prompt ids from four ``[B]`` bit tensors; with ``[B, k]`` histories (oldest first) of memory k, the
+    rounds are folded in oldest first, so the newest round's bits are always bits 3 (me) and 2 (other)."""
+    if prev_me.dim() == 1:
+        prev_me, prev_other = prev_me[:, None], prev_other[:, None]
+    state = torch.zeros(prev_me.shape[0], dtype=torch.long, device=prev_me.device)
+    for r in range(prev_me.shape[1]):
+        state = state * 4 + prev_me[:, r] * 2 + prev_other[:, r]
+    return (state * 2 + order_1) * 2 + order_2
 
 
 def prompt_bits(pid: int) -> tuple[int, int, int, int]:
-    """Inverse of :func:`prompt_id` for one id: ``(prev_me, prev_other, order_1, order_2)``."""
+    """``(prev_me, prev_other, order_1, order_2)`` of a prompt id: the newest round's moves and the option orders."""
     return (pid >> 3) & 1, (pid >> 2) & 1, (pid >> 1) & 1, pid & 1
+
+
+def history_of(pid: int, memory: int) -> list[tuple[int, int]]:
+    """The ``(me, other)`` moves of the last ``memory`` rounds (oldest first) that prompt id ``pid`` shows."""
+    state = (pid >> 2) % (4 ** memory)
+    return [((state >> (2 * r + 1)) & 1, (state >> (2 * r)) & 1) for r in reversed(range(memory))]
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class PromptStyle:
             none, such as SmolLM2's, gets an empty system turn instead, so no system text reaches the
             model); a string: that text as the system turn (prepended to the user turn where the template
             has no system role).
+        memory: how many past rounds the prompt shows (1 = the paper's memory-1 state).
     """
 
     actions: tuple[str, str] = ("action1", "action2")
@@ -98,6 +113,7 @@ class PromptStyle:
     kind: str = "game"
     persona: str = ""
     system_prompt: str | None = None
+    memory: int = 1
 
     def __post_init__(self) -> None:
         validate_actions(self.actions)
@@ -105,6 +121,8 @@ class PromptStyle:
         check_choice("kind", self.kind, PROMPT_KINDS)
         if self.persona:
             check_choice("persona", self.persona, PERSONAS)
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or not 1 <= self.memory <= MAX_MEMORY:
+            raise ConfigError(f"memory: got {self.memory!r}; must be a whole number from 1 to {MAX_MEMORY}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ConfigError(f"system_prompt: expected a string or null; got {self.system_prompt!r}")
 
@@ -127,16 +145,17 @@ def _table(game: MatrixGame, actions: Sequence[str], order: str) -> str:
 
 
 def render_text(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other: int, order_1: int,
-                order_2: int) -> str:
+                order_2: int, history: list[tuple[int, int]] | None = None) -> str:
     """The user-turn text for one state and option orders (fields 1-7 of protocol section 4).
 
-    Evaluation-only kinds (``style.kind != "game"``) go to :func:`render_unrelated`; a persona
-    sentence, if any, comes first.
+    ``history``: the ``(me, other)`` moves of the last rounds, oldest first, for a memory longer than one round
+    (the last entry is ``(prev_me, prev_other)``). Evaluation-only kinds (``style.kind != "game"``) go to
+    :func:`render_unrelated` (they show the last round only); a persona sentence, if any, comes first.
     """
     if style.kind != "game":
         text = render_unrelated(style, prev_me, prev_other, order_1, order_2)
     else:
-        text = _render_game(game, style, prev_me, prev_other, order_1, order_2)
+        text = _render_game(game, style, history or [(prev_me, prev_other)], order_1, order_2)
     return f"{PERSONAS[style.persona]}\n{text}" if style.persona else text
 
 
@@ -170,18 +189,27 @@ def render_unrelated(style: PromptStyle, prev_me: int, prev_other: int, order_1:
                               "Do not explain.", "Your answer:"])
 
 
-def _render_game(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other: int, order_1: int,
+def _past(game: MatrixGame, actions: Sequence[str], history: list[tuple[int, int]]) -> str:
+    """Field 4: the last round (and, with a longer memory, the rounds before it, oldest first)."""
+    parts = []
+    for back, (me, other) in zip(range(len(history), 0, -1), history):
+        mine, theirs = (float(x) for x in game.payoffs[me, other])
+        when = "In the last round" if back == 1 else f"{ROUNDS_AGO.get(back, f'{back} rounds')} ago"
+        parts.append(f"{when} you chose {actions[me]} and A chose {actions[other]}, so you got {mine:g} points and "
+                     f"A got {theirs:g} points.")
+    return "You have played with A before. " + " ".join(parts)
+
+
+def _render_game(game: MatrixGame, style: PromptStyle, history: list[tuple[int, int]], order_1: int,
                  order_2: int) -> str:
     a = style.actions
     first, fmt_opts = options(a, order_1), options(a, order_2)
-    mine, theirs = (float(x) for x in game.payoffs[prev_me, prev_other])
     return "\n".join([
         f"You are playing a game with another agent A. You must choose either {first[0]} or {first[1]}.",
         "The points you and A get depend on both of your choices. You are the row player and A is the "
         "column player; the table shows the points for each combination:",
         _table(game, a, style.table_order),
-        f"You have played with A before. In the last round you chose {a[prev_me]} and A chose "
-        f"{a[prev_other]}, so you got {mine:g} points and A got {theirs:g} points.",
+        _past(game, a, history),
         "Which action gets you the highest possible score in points?",
         f"Answer with exactly one of {fmt_opts[0]} or {fmt_opts[1]} and nothing else. Do not explain.",
         "Your answer:",
@@ -191,8 +219,8 @@ def _render_game(game: MatrixGame, style: PromptStyle, prev_me: int, prev_other:
 class PromptRenderer:
     """Renders and tokenizes every prompt of one game and style, once.
 
-    Prompt ids 0..15 are the row player's (or every player's, in a symmetric game); in an asymmetric game
-    ids 16..31 are the column player's, shown the transposed table (``game.view(1)``).
+    Prompt ids ``0 .. n_ids-1`` (16 with memory 1) are the row player's (or every player's, in a symmetric game);
+    in an asymmetric game ids ``n_ids .. 2 n_ids - 1`` are the column player's, shown the transposed table.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -205,10 +233,13 @@ class PromptRenderer:
         self.game = game
         self.style = style or PromptStyle()
         seats = 1 if game.symmetric else 2
-        self.view_offset = (0, 0) if seats == 1 else (0, N_PROMPT_IDS)
+        self.memory = self.style.memory
+        self.n_ids = 4 ** self.memory * 4  # per seat
+        self.view_offset = (0, 0) if seats == 1 else (0, self.n_ids)
         self._inserts_system = self._templated and self.style.system_prompt is None and _inserts_default_system(tokenizer)
-        self.texts = [self._wrap(render_text(game.view(seat), self.style, *prompt_bits(i)))
-                      for seat in range(seats) for i in range(N_PROMPT_IDS)]
+        self.texts = [self._wrap(render_text(game.view(seat), self.style, *prompt_bits(i),
+                                             history=history_of(i, self.memory)))
+                      for seat in range(seats) for i in range(self.n_ids)]
         self.token_ids: list[list[int]] = [
             tokenizer(t, add_special_tokens=not self._templated).input_ids for t in self.texts
         ]
@@ -229,8 +260,9 @@ class PromptRenderer:
 
     def sample_ids(self, prev_me: torch.Tensor, prev_other: torch.Tensor, generator: torch.Generator,
                    shuffle: bool = True, seat: int = 0) -> torch.Tensor:
-        """``[B]`` prompt ids for the states, with both option orders drawn from ``generator`` (docs/protocol.md
-        section 4), as seen from ``seat`` (0 = row player, 1 = column player)."""
+        """``[B]`` prompt ids for the states (``[B]`` last moves, or ``[B, memory]`` histories oldest first), with
+        both option orders drawn from ``generator`` (protocol section 4), as seen from ``seat`` (0 = row player,
+        1 = column player)."""
         n = prev_me.shape[0]
         if shuffle:
             orders = torch.randint(0, 2, (2, n), generator=generator)

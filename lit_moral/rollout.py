@@ -260,8 +260,10 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
     """
     sampler.reset()
     views = (game.view(0), game.view(1))
-    prev = [[random_moves(m.n, streams.states) if isinstance(p, str) else p.first_move(m.n) for p in m.players]
-            for m in matches]
+    memory = getattr(sampler.renderer, "memory", 1)
+    # Each player's own last `memory` moves, oldest first ([n, memory]); each past round drawn as the start state is.
+    hist = [[_start(p, m.n, memory, streams.states) for p in m.players] for m in matches]
+    prev = [[h[:, -1] for h in hs] for hs in hist]
     rec = [{i: [] for i, p in enumerate(m.players) if isinstance(p, str)} for m in matches]
     for r in range(rounds):
         acts: list[list[torch.Tensor | None]] = [[None, None] for _ in matches]
@@ -269,7 +271,7 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
         for k, m in enumerate(matches):
             for i, p in enumerate(m.players):
                 if isinstance(p, str):
-                    pid = sampler.renderer.sample_ids(prev[k][i], prev[k][1 - i], streams.orders, seat=i)
+                    pid = sampler.renderer.sample_ids(hist[k][i], hist[k][1 - i], streams.orders, seat=i)
                     reqs.append((p, pid))
                     who.append((k, i, pid))
                 else:
@@ -287,11 +289,19 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
                                      prev_other=prev[k][1 - i], reward=total, comps=comps, payoff_me=pay_me,
                                      payoff_other=pay_other)
             prev[k] = [next_prev(acts[k][i], prev[k][i]) for i in range(2)]
+            hist[k] = [torch.cat([hist[k][i][:, 1:], prev[k][i][:, None]], 1) for i in range(2)]
     out: dict[str, list[AgentSamples]] = {}
     for m, rows_by_seat in zip(matches, rec):
         for i, rows in rows_by_seat.items():
             out.setdefault(m.players[i], []).append(_collect(m.players[i], _name(m.players[1 - i]), rows, m.n, i))
     return out
+
+
+def _start(player: str | Opponent, n: int, memory: int, states: torch.Generator) -> torch.Tensor:
+    """``[n, memory]`` a player's moves before an episode: an agent's uniform (the states stream), a fixed
+    strategy's its ``first_move`` (its own stream), one draw per remembered round."""
+    draw = (lambda: random_moves(n, states)) if isinstance(player, str) else (lambda: player.first_move(n))
+    return torch.stack([draw() for _ in range(memory)], 1)
 
 
 def _collect(agent: str, opponent: str, rows: list[dict], n: int, seat: int) -> AgentSamples:

@@ -160,3 +160,13 @@ def test_training_update_equals_the_obvious_path(tmp_path, monkeypatch, mode):
         assert lf[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
     for (n, a), (_, b) in zip(fast.policy.agent_parameters("agent_0"), slow.policy.agent_parameters("agent_0")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("memory", [2, 3])
+def test_memory_k_trains_on_the_tiny_model(tmp_path, memory):
+    m = tiny_module(memory=memory, rounds_per_episode=3)
+    m.configure_model()
+    before = _snapshot(m)
+    trainer(tmp_path).fit(m)
+    assert m.renderer.n_ids == 4 ** memory * 4 and int(m.last_samples["agent_0"].pid.max()) < m.renderer.n_ids
+    assert _changed(before, m) >= {n for n, _ in m.policy.agent_parameters("agent_0")}

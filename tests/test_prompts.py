@@ -339,3 +339,51 @@ def test_column_player_prompts_of_an_asymmetric_game(tiny):
     assert "| you play action1 | you get 2, A gets 3 |" in r.texts[16]
     assert "| you play action1 | you get 3, A gets 2 |" in r.texts[0]
     assert len(PromptRenderer(tiny[1], IPD, STYLE).token_ids) == 16  # symmetric: one view
+
+
+# ---------------------------------------------------------------- memory of k rounds
+
+
+def test_memory_two_prompts_show_both_rounds_and_keep_the_newest_in_bits_3_and_2(tiny):
+    from lit_moral.prompts import history_of
+
+    r = PromptRenderer(tiny[1], IPD, PromptStyle(memory=2))
+    assert r.n_ids == 64 and len(r.texts) == 64 and len(set(r.texts)) == 64
+    pid = int(prompt_id(torch.tensor([[1, 0]]), torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([1]))[0])
+    assert history_of(pid, 2) == [(1, 0), (0, 1)] and prompt_bits(pid)[:2] == (0, 1)
+    text = r.texts[pid]
+    assert ("Two rounds ago you chose action2 and A chose action1, so you got 4 points and A got 0 points. "
+            "In the last round you chose action1 and A chose action2, so you got 0 points and A got 4 points.") in text
+    # memory 1 is the paper's prompt, unchanged
+    one = PromptRenderer(tiny[1], IPD, PromptStyle())
+    assert one.texts == PromptRenderer(tiny[1], IPD, STYLE).texts and one.n_ids == 16
+    with pytest.raises(ConfigError, match="memory"):
+        PromptStyle(memory=0)
+
+
+def test_memory_histories_in_play(tiny):
+    """Every round's prompt shows the players' real last k moves (oldest first); TFT still copies the newest."""
+    from lit_moral.opponents import make_opponent
+    from lit_moral.policy import LoraSpec, Policy
+    from lit_moral.prompts import history_of
+    from lit_moral.rewards import RewardSpec
+    from lit_moral.rollout import ActionSampler, Match, play
+    from lit_moral.seeding import Streams
+
+    import copy
+
+    pol = Policy(copy.deepcopy(tiny[0]), ["agent_0"], LoraSpec(r=4, alpha=8))
+    pol.eval()
+    r = PromptRenderer(tiny[1], IPD, PromptStyle(memory=3))
+    sampler = ActionSampler(pol, r, "constrained")
+    out = play(sampler, [Match(("agent_0", make_opponent("tft")), 16)], IPD, 4, {"agent_0": RewardSpec.parse("game")},
+               Streams.from_seed(0))["agent_0"][0]
+    rounds = out.action.view(4, 16)
+    other = out.other_action.view(4, 16)
+    for t in range(1, 4):  # round t's prompt ends with round t-1's moves, after the moves of rounds before
+        for g in range(16):
+            h = history_of(int(out.pid.view(4, 16)[t, g]), 3)
+            assert h[-1] == (int(rounds[t - 1, g]), int(other[t - 1, g]))
+            if t >= 2:
+                assert h[-2] == (int(rounds[t - 2, g]), int(other[t - 2, g]))
+        assert torch.equal(other[t], rounds[t - 1])  # TFT copies the newest move
