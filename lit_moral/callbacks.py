@@ -346,33 +346,10 @@ class PopulationPlot(Callback):
         if pl_module.episode - self.last < self.every or not trainer.is_global_zero:
             return
         self.last = pl_module.episode
+        from lit_moral.report import write_selection
+
         write_selection(pl_module, Path(trainer.log_dir or trainer.default_root_dir),
                         getattr(trainer.logger, "experiment", None) if trainer.logger else None)
-
-
-def write_selection(pl_module, folder: Path, experiment=None) -> None:
-    """``selection.csv`` (counts: rows = selectors, columns = picked members) and ``selection.png`` in ``folder``,
-    and the heatmap in TensorBoard when ``experiment`` is a SummaryWriter."""
-    import csv
-
-    import matplotlib.pyplot as plt
-
-    from lit_moral.plots import selection_figure
-
-    sm = pl_module.selection_matrix
-    counts = sm.counts.cpu()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "selection.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["selector", *sm.members])
-        for name, row in zip(sm.selectors, counts.tolist()):
-            w.writerow([name, *(int(x) for x in row)])
-    fig = selection_figure(sm.compute().cpu().numpy(), sm.selectors, sm.members,
-                           f"Partner selection up to episode {pl_module.episode} ({int(counts.sum())} picks)")
-    fig.savefig(folder / "selection.png", dpi=110, bbox_inches="tight")
-    if experiment is not None and hasattr(experiment, "add_figure"):
-        experiment.add_figure("population/selection", fig, global_step=pl_module.episode, close=False)
-    plt.close(fig)
 
 
 class Evaluation(Callback):

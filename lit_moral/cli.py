@@ -250,12 +250,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LitMoralCLI | N
     ``fit`` / ``test`` run MoralPPO (PPO on game and moral rewards); ``warmup`` runs the supervised format
     warm-up (:class:`lit_moral.warmup.FormatWarmup`) with the same options as ``fit``.
     """
-    given = list(sys.argv[1:] if args is None else args)
-    if given and given[0] == "play":
-        from lit_moral.play import main
-
-        return main(given[1:])
-    module, argv = _module_for(given, run)
+    module, argv = _module_for(list(sys.argv[1:] if args is None else args), run)
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the command line itself (and warns when given both)
     try:

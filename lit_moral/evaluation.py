@@ -15,8 +15,8 @@ config saved beside every checkpoint then runs ``python -m lit_moral test --conf
 (``--model.evaluation.episodes 20``), and the :class:`~lit_moral.callbacks.Evaluation` callback only
 has to say *when* to evaluate during ``fit`` (and which subset).
 
-Several checkpoints (seeds) together: ``python -m lit_moral.evaluation --config run.yaml --ckpt a.ckpt
-b.ckpt ... [--out DIR]``; run ``r`` uses seed ``seed + r`` and the summary's CIs are over runs.
+Several checkpoints (seeds) together: ``python -m lit_moral evaluate --config run.yaml --ckpt a.ckpt b.ckpt ...
+[--out DIR]`` (:mod:`lit_moral.evaluate_runs`); run ``r`` uses seed ``seed + r`` and the summary's CIs are over runs.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def run_test(module) -> dict[str, float]:
     scalars = finish(rows, meta, out, cfg.plots, exp, module.episode)
     module.last_evaluation = (out, meta, summarize(rows))  # for the summary the CLI prints
     if getattr(module.hparams, "pairing", "fixed") == "selection" and trainer.is_global_zero:
-        from lit_moral.callbacks import write_selection
+        from lit_moral.report import write_selection
 
         write_selection(module, out)  # the run's partner selections, beside the evaluation of its agents
     return {k: v for k, v in scalars.items() if k.count("/") == 2}
@@ -345,78 +345,7 @@ def load_weights(module, path: str) -> None:
         raise ConfigError(f"ckpt: {path} has weights this run does not: {result.unexpected_keys[:3]} ...")
 
 
-def _model_config(config: str) -> str:
-    """The run config without the subcommand-only keys that a config saved by ``fit`` carries
-    (``ckpt_path``, ``weights_only``), as a YAML string for the parser without subcommands."""
-    import yaml
-
-    data = yaml.safe_load(Path(config).read_text())
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {config} is not a YAML mapping")
-    for key in ("ckpt_path", "weights_only"):
-        data.pop(key, None)
-    return yaml.safe_dump(data)
+__all__ = ["BASE_LABEL", "EVAL_OPPONENTS", "VARIANTS", "EvalConfig", "evaluate", "models_of", "load_weights",
+           "opponents_of", "report_meta", "round_rows", "run_test"]
 
 
-def evaluate_checkpoints(config: str, ckpts: Sequence[str], out: str | None = None, overrides: Sequence[str] = (),
-                         device: str = "cpu") -> list[dict]:
-    """Evaluate several checkpoints (seeds) of one run config together; CIs over runs (protocol section 7).
-
-    Args:
-        config: the run's YAML (e.g. the ``config.yaml`` saved beside its checkpoints).
-        ckpts: checkpoint files; checkpoint ``r`` is run ``r`` (seed ``evaluation.seed + r``).
-        out: output folder (default: ``evaluation/`` beside the first checkpoint's folder).
-        overrides: extra LightningCLI arguments, e.g. ``["--model.evaluation.episodes", "20"]``.
-        device: ``cpu`` or ``cuda``.
-
-    Returns:
-        The summary rows.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-
-    from lit_moral.cli import cli_main
-
-    missing = [c for c in ckpts if not Path(c).is_file()]
-    if missing:
-        raise ConfigError(f"ckpt: no such file(s): {missing}")
-    module = cli_main(["--config", _model_config(config), *overrides], run=False).model
-    module.configure_model()
-    module.to(device)
-    cfg = module.eval_cfg
-    target = Path(out or cfg.output_dir or Path(ckpts[0]).resolve().parent.parent / "evaluation")
-    rows = []
-    for r, ckpt in enumerate(ckpts):
-        load_weights(module, ckpt)
-        rows += evaluate(module, cfg, run=r)
-    writer = SummaryWriter(str(target / "tensorboard"))
-    meta = report_meta(module, cfg, runs=len(ckpts), checkpoints=ckpts)
-    finish(rows, meta, target, cfg.plots, writer)
-    writer.close()
-    from lit_moral.report import read_csv
-    from lit_moral.runs import test_summary
-
-    summary = read_csv(target / "summary.csv")
-    print(test_summary(target, meta, summary), flush=True)
-    return summary
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m lit_moral.evaluation --config run.yaml --ckpt a.ckpt b.ckpt [--out DIR] [--device cuda]``;
-    other arguments go to the run's LightningCLI parser (``--model.evaluation.episodes 20``)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m lit_moral.evaluation", description=main.__doc__)
-    ap.add_argument("--config", required=True, help="the run's YAML config")
-    ap.add_argument("--ckpt", nargs="+", required=True, help="one checkpoint per run (seed)")
-    ap.add_argument("--out", default=None, help="output folder (default: <run>/evaluation)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    args, rest = ap.parse_known_args(argv)
-    evaluate_checkpoints(args.config, args.ckpt, args.out, rest, args.device)
-
-
-__all__ = ["BASE_LABEL", "EVAL_OPPONENTS", "VARIANTS", "EvalConfig", "evaluate", "models_of",
-           "evaluate_checkpoints", "load_weights", "main", "opponents_of", "report_meta", "round_rows", "run_test"]
-
-
-if __name__ == "__main__":
-    main()

@@ -28,8 +28,16 @@ from lit_moral.games import ACTION_TYPES, MatrixGame
 from lit_moral.learners import LEARNERS, PPOLearner, make_learner
 from lit_moral.metrics import ActionTypes, CooperationRate, IllegalRate, MoralRegret, PopulationPayoffs, SelectionMatrix
 from lit_moral.opponents import OPPONENT_NAMES, OPPONENTS, Opponent, make_opponent
-from lit_moral.padding import pad_rows
-from lit_moral.pairing import SelectionRenderer, fixed_pairs, latest_moves, random_pairs, round_robin_pairs, validate_population
+from lit_moral.pairing import (
+    SelectionRenderer,
+    fixed_pairs,
+    latest_moves,
+    random_pairs,
+    round_robin_pairs,
+    selection_matches,
+    selection_samples,
+    validate_population,
+)
 from lit_moral.policy import LoraSpec, Policy
 from lit_moral.ppo import PPOConfig
 from lit_moral.prompts import PromptRenderer, PromptStyle
@@ -369,35 +377,12 @@ class MoralPPO(pl.LightningModule):
         return out
 
     def _selected_matches(self, picks: dict[str, tuple]) -> list[Match]:
-        """One match per (selector, picked partner), holding the selector's games with that partner (seat 0)."""
-        out = []
-        for a, (_, _, games) in picks.items():
-            for partner in [m for m in self.members if m in games]:
-                other = partner if partner in self.agent_names else self.opponent_for(a, partner)
-                out.append(Match((a, other), games.count(partner)))
-        return out
+        return selection_matches({a: games for a, (_, _, games) in picks.items()}, self.members, self.agent_names,
+                                 self.opponent_for, Match)
 
     def _selection_samples(self, a: str, mv, pid: torch.Tensor, games: list[str], played) -> AgentSamples:
-        """The selector's decisions as samples of their own, each rewarded with the selector's mean reward over the
-        game it led to (protocol section 14; AIES'24 rewards a selection with the round it led to)."""
-        parts = {s.opponent: s for s in played[a] if (s.seat == 0).all()}
-        reward, pay_me, pay_other = (torch.zeros(len(games)) for _ in range(3))
-        seen: dict[str, int] = {}
-        for g, partner in enumerate(games):
-            j = seen[partner] = seen.get(partner, -1) + 1  # the j-th game of this selector with this partner
-            s = parts[partner]
-            at = s.episode == j
-            reward[g], pay_me[g], pay_other[g] = s.reward[at].mean(), s.payoff_me[at].mean(), s.payoff_other[at].mean()
-        old_logp, mask = pad_rows(mv.logp)
-        zeros = torch.zeros(len(games), dtype=torch.long)
         r, _ = self.selectors[a]
-        return AgentSamples(agent=a, opponent="selection", pid=pid, choice=mv.choice, responses=mv.responses,
-                            action=mv.choice, other_action=zeros, prev_me=zeros, prev_other=zeros,
-                            episode=torch.arange(len(games)), round=zeros, seat=zeros, payoff_me=pay_me,
-                            payoff_other=pay_other, reward=reward, components={}, old_logp=old_logp,
-                            ref_logp=pad_rows(mv.ref_logp)[0], values=pad_rows(mv.values)[0],
-                            entropy=pad_rows(mv.entropy)[0], mask=mask, format_mass=mv.format_mass,
-                            table=r.token_ids, candidates=r.action_ids)
+        return selection_samples(a, mv, pid, games, played[a], r)
 
     def _population_metrics(self, played, picks) -> None:
         """Every member's payoffs this iteration (for collective payoff, equality, minimum), the selection counts,

@@ -138,3 +138,46 @@ def latest_moves(played: dict, members: Sequence[str], previous: dict[str, int])
             if s.opponent in votes and s.opponent not in played:  # a fixed strategy's last moves, as its partner saw them
                 votes[s.opponent] += s.other_action[last].tolist()
     return {m: (int(sum(v) * 2 > len(v)) if v else previous[m]) for m, v in votes.items()}
+
+
+def selection_matches(picks: dict[str, list[str]], members: Sequence[str], agents: Sequence[str], opponent_for,
+                      match) -> list:
+    """One match per (selector, picked partner), holding the selector's games with that partner (seat 0); a picked
+    strategy is the selector's own instance of it (``opponent_for(selector, name)``); ``match`` builds a Match."""
+    out = []
+    for a, games in picks.items():
+        for partner in [m for m in members if m in games]:
+            other = partner if partner in agents else opponent_for(a, partner)
+            out.append(match((a, other), games.count(partner)))
+    return out
+
+
+def selection_samples(agent: str, mv, pid: torch.Tensor, games: list[str], parts: Sequence, renderer: SelectionRenderer):
+    """The selector's decisions as samples of their own, each rewarded with the selector's mean reward over the game
+    it led to (AIES'24 rewards a selection with the round it led to; with one round per game they are the same).
+
+    Args:
+        agent: the selector. mv: its sampled decisions (``ActionSampler`` moves). pid: ``[n]`` their prompt ids.
+        games: the partner picked for each of its ``n`` games. parts: the selector's AgentSamples per match.
+        renderer: the selector's SelectionRenderer (its prompt table and candidate labels go with the samples).
+    """
+    from lit_moral.padding import pad_rows
+    from lit_moral.rollout import AgentSamples
+
+    mine = {s.opponent: s for s in parts if (s.seat == 0).all()}
+    reward, pay_me, pay_other = (torch.zeros(len(games)) for _ in range(3))
+    seen: dict[str, int] = {}
+    for g, partner in enumerate(games):
+        j = seen[partner] = seen.get(partner, -1) + 1  # the j-th game of this selector with this partner
+        s = mine[partner]
+        at = s.episode == j
+        reward[g], pay_me[g], pay_other[g] = s.reward[at].mean(), s.payoff_me[at].mean(), s.payoff_other[at].mean()
+    old_logp, mask = pad_rows(mv.logp)
+    zeros = torch.zeros(len(games), dtype=torch.long)
+    return AgentSamples(agent=agent, opponent="selection", pid=pid, choice=mv.choice, responses=mv.responses,
+                        action=mv.choice, other_action=zeros, prev_me=zeros, prev_other=zeros,
+                        episode=torch.arange(len(games)), round=zeros, seat=zeros, payoff_me=pay_me,
+                        payoff_other=pay_other, reward=reward, components={}, old_logp=old_logp,
+                        ref_logp=pad_rows(mv.ref_logp)[0], values=pad_rows(mv.values)[0],
+                        entropy=pad_rows(mv.entropy)[0], mask=mask, format_mass=mv.format_mass,
+                        table=renderer.token_ids, candidates=renderer.action_ids)

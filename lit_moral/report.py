@@ -232,6 +232,31 @@ def write_outputs(out_dir: Path, rounds: Sequence[dict], summary: Sequence[dict]
     return figs
 
 
+def write_selection(pl_module, folder: Path, experiment=None) -> None:
+    """``selection.csv`` (counts: rows = selectors, columns = picked members) and ``selection.png`` in ``folder``,
+    and the heatmap in TensorBoard when ``experiment`` is a SummaryWriter."""
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    from lit_moral.plots import selection_figure
+
+    sm = pl_module.selection_matrix
+    counts = sm.counts.cpu()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "selection.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["selector", *sm.members])
+        for name, row in zip(sm.selectors, counts.tolist()):
+            w.writerow([name, *(int(x) for x in row)])
+    fig = selection_figure(sm.compute().cpu().numpy(), sm.selectors, sm.members,
+                           f"Partner selection up to episode {pl_module.episode} ({int(counts.sum())} picks)")
+    fig.savefig(folder / "selection.png", dpi=110, bbox_inches="tight")
+    if experiment is not None and hasattr(experiment, "add_figure"):
+        experiment.add_figure("population/selection", fig, global_step=pl_module.episode, close=False)
+    plt.close(fig)
+
+
 def tensorboard_scalars(summary: Sequence[dict], meta: dict) -> dict[str, float]:
     """Scalars for TensorBoard, for the report variant: ``eval/<metric>/<model>`` (mean over games, report
     opponent) and ``eval/<metric>/<model>/<game>/<opponent>``."""
@@ -250,4 +275,5 @@ def tensorboard_scalars(summary: Sequence[dict], meta: dict) -> dict[str, float]
 
 
 __all__ = ["CELL", "METRICS", "PLOT_FILES", "ROUND_COLUMNS", "TYPE_KEYS", "check_row", "read_csv", "recompute_regrets",
-           "report_markdown", "round_metrics", "summarize", "tensorboard_scalars", "write_csv", "write_outputs"]
+           "report_markdown", "round_metrics", "write_selection", "summarize", "tensorboard_scalars", "write_csv",
+           "write_outputs"]

@@ -192,7 +192,7 @@ def commit(dest: Path, message: str, tries: int = 10) -> None:
 
 
 def evaluate(config: Path, ckpt: Path, out: Path, seed: int) -> None:
-    cmd = [sys.executable, "-m", "lit_moral.evaluation", "--config", str(config), "--out", str(out), "--ckpt",
+    cmd = [sys.executable, "-m", "lit_moral", "evaluate", "--config", str(config), "--out", str(out), "--ckpt",
            str(ckpt), *EVAL, "--model.evaluation.seed", str(EVAL_SEED + seed), "--model.evaluation.plots", "false"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)

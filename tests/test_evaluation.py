@@ -341,7 +341,7 @@ def test_debug_checkpoint_evaluation_through_the_cli(tmp_path, monkeypatch):
     assert {"eval/regret_deontological/agent_0", "eval/regret_utilitarian/base",
             "eval/regret_deontological/agent_0/ICD/random"} <= set(tags)
     # Several checkpoints (seeds) together: the CI is over runs.
-    from lit_moral.evaluation import evaluate_checkpoints
+    from lit_moral.evaluate_runs import evaluate_checkpoints
 
     summary = evaluate_checkpoints(debug, [str(ckpt), str(ckpt)], out=str(tmp_path / "multi"),
                                    overrides=["--model.evaluation.games", "[IPD]", "--model.evaluation.variants",
