@@ -67,11 +67,12 @@ def prompt_id(prev_me: torch.Tensor, prev_other: torch.Tensor, order_1: torch.Te
               order_2: torch.Tensor) -> torch.Tensor:
     """``[B]`` prompt ids from four ``[B]`` bit tensors; with ``[B, k]`` histories (oldest first) of memory k, the
     rounds are folded in oldest first, so the newest round's bits are always bits 3 (me) and 2 (other)."""
-    if prev_me.dim() == 1:
-        prev_me, prev_other = prev_me[:, None], prev_other[:, None]
-    state = torch.zeros(prev_me.shape[0], dtype=torch.long, device=prev_me.device)
-    for r in range(prev_me.shape[1]):
-        state = state * 4 + prev_me[:, r] * 2 + prev_other[:, r]
+    if prev_me.dim() < 2:  # one round (memory 1): a [B] or scalar tensor of last moves
+        state = prev_me * 2 + prev_other
+    else:
+        state = torch.zeros(prev_me.shape[0], dtype=torch.long, device=prev_me.device)
+        for r in range(prev_me.shape[1]):
+            state = state * 4 + prev_me[:, r] * 2 + prev_other[:, r]
     return (state * 2 + order_1) * 2 + order_2
 
 

@@ -260,7 +260,7 @@ def play(sampler: ActionSampler, matches: Sequence[Match], game: MatrixGame, rou
     """
     sampler.reset()
     views = (game.view(0), game.view(1))
-    memory = getattr(sampler.renderer, "memory", 1)
+    memory = getattr(getattr(sampler, "renderer", None), "memory", 1)
     # Each player's own last `memory` moves, oldest first ([n, memory]); each past round drawn as the start state is.
     hist = [[_start(p, m.n, memory, streams.states) for p in m.players] for m in matches]
     prev = [[h[:, -1] for h in hs] for hs in hist]

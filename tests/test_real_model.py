@@ -50,7 +50,7 @@ def test_smollm2_free_mode_rollout_and_update(tmp_path):
     before = {n: p.detach().clone() for n, p in m.policy.agent_parameters("agent_0")}
     opt = torch.optim.Adam([p for _, p in m.policy.agent_parameters("agent_0")], lr=2e-4)
     m.policy.train()
-    logs = m._update("agent_0", s, opt)
+    logs = m.learners["agent_0"].update("agent_0", s, opt, m, m.device)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert logs["loss/policy/agent_0"] != 0.0
     assert all(not torch.equal(before[n], p.detach()) for n, p in m.policy.agent_parameters("agent_0"))
