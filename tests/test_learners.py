@@ -101,6 +101,26 @@ def test_reinforce_advantage_uses_the_baseline_before_this_iterations_samples():
     assert restored.baseline.value == learner.baseline.value
 
 
+def test_reinforce_baseline_folds_in_every_processs_returns():
+    """Under DDP the baseline update sees all processes' samples (so it stays identical everywhere), while the
+    advantages stay those of this process's samples."""
+
+    class TwoProcesses:
+        world_size = 2
+
+        def __init__(self):
+            # What the other process holds, in the order gathered: pid, seat, returns.
+            self.other = [torch.tensor([0, 4]), torch.tensor([0, 0]), _t([5.0, 7.0])]
+
+        def gather(self, x):
+            return torch.cat([x, self.other.pop(0).to(x.dtype)])
+
+    learner = ReinforceLearner(PPOConfig())
+    adv, _ = learner.advantages(_t([1.0, 3.0]), torch.tensor([[0, 0], [0, 0]]), TwoProcesses())
+    assert adv.tolist() == [1.0, 3.0]
+    assert learner.baseline.value == {(0, 0): 3.0, (4, 0): 7.0}  # (1 + 3 + 5) / 3
+
+
 def test_unknown_algorithm_names_the_field_before_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("model loaded before validation")
@@ -225,6 +245,51 @@ def test_update_equals_the_obvious_path(tmp_path, monkeypatch, algorithm, mode):
         assert lf[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
     for (n, a), (_, b) in zip(fast.policy.agent_parameters("agent_0"), slow.policy.agent_parameters("agent_0")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda msg, n=n: f"{n}: {msg}")
+
+
+class LearnerDump(pl.Callback):
+    """Writes, per process, the agent's weights before and after training and its learner's state (DDP test)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.before = {n: p.detach().clone() for n, p in pl_module.policy.agent_parameters("agent_0")}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import os
+
+        os.makedirs(self.dirpath, exist_ok=True)
+        after = {n: p.detach().clone() for n, p in pl_module.policy.agent_parameters("agent_0")}
+        torch.save({"before": self.before, "after": after, "learner": pl_module.learners["agent_0"].state_dict()},
+                   os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
+
+
+def test_ddp_reinforce_stays_identical_across_processes(tmp_path, tiny_dir):
+    """Two CPU processes (gloo) run the debug config with ``algorithm: reinforce``: the same weights and the same
+    baselines (folded in from both processes' games) on both, every LoRA tensor moved, the value head did not (its
+    gradients are zero-filled by the averaging, and Adam's step on them is zero). ``tiny_dir`` builds the tiny
+    model first, so the two processes do not both build it into the test cache at once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "lit_moral", "fit", "--config", str(root / "configs" / "debug.yaml"),
+           "--model.algorithm", "reinforce", "--model.iterations_per_epoch", "2", "--trainer.max_epochs", "1",
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.callbacks+=tests.test_learners.LearnerDump", "--trainer.callbacks.dirpath", str(tmp_path / "dump")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for k in r0["after"]:
+        torch.testing.assert_close(r0["after"][k], r1["after"][k], atol=0, rtol=0, msg=k)
+        moved = not torch.equal(r0["before"][k], r0["after"][k])
+        assert moved == ("lora_" in k), k
+    assert _state(r0["learner"]) == _state(r1["learner"])
+    assert len(r0["learner"]["baseline"]["value"]) > 1
 
 
 # ---- exact resume -----------------------------------------------------------------------------------------
