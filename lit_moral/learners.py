@@ -84,9 +84,11 @@ class Learner:
         self.moments = RunningMoments()
 
     def state_dict(self) -> dict:
+        """What a resume needs: the KL controller and the reward statistics (subclasses add their own)."""
         return {"kl": self.kl.state_dict(), "moments": self.moments.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
         self.kl.load_state_dict(state["kl"])
         self.moments.load_state_dict(state["moments"])
 
@@ -300,11 +302,13 @@ class StateBaseline:
             self.value[k] = m if old is None else self.decay * old + (1.0 - self.decay) * m
 
     def state_dict(self) -> dict:
+        """``keys [K, D]`` long and ``value [K]`` float64 tensors, keys sorted (exact and checkpoint-friendly)."""
         keys = sorted(self.value)
         return {"keys": torch.tensor(keys, dtype=torch.long).reshape(len(keys), -1),
                 "value": torch.tensor([self.value[k] for k in keys], dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
         self.value = dict(zip(map(tuple, state["keys"].tolist()), state["value"].tolist()))
 
 
@@ -323,6 +327,7 @@ class ReinforceLearner(CriticFreeLearner):
         self.baseline = StateBaseline()
 
     def state_dict(self) -> dict:
+        """The shared state plus the baselines."""
         return {**super().state_dict(), "baseline": self.baseline.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -168,7 +168,7 @@ def test_one_iteration_moves_every_lora_tensor_and_not_the_value_head(tmp_path, 
     assert not changed - lora
     # The engine scores whole minibatches: 2 epochs x 2 minibatches of the 32 samples, no per-sample forward.
     assert sizes == [16, 16, 16, 16]
-    assert m.learners["agent_0"].name == algorithm
+    assert m.learners["agent_0"].name == algorithm and not m.learners["agent_0"].critic
     keys = {k for k in logged.logged if k.endswith("/agent_0")}
     assert {"loss/policy/agent_0", "policy/kl_coef/agent_0", "policy/baseline/agent_0"} <= keys
     assert not {k for k in keys if k.startswith(("value/", "loss/value/"))}
