@@ -112,7 +112,11 @@ class MoralPPO(pl.LightningModule):
         lora: LoRA settings.
         value_head_dropout: value-head dropout (paper: 0.1).
         ppo: PPO settings.
-        algorithm: the learner (``ppo``).
+        algorithm: the learner (docs/learners.md): ``ppo`` (value head, GAE); critic-free, the value head
+            untrained: ``grpo`` (``adv = (R - group mean) / (group std + 1e-4)``), ``rloo`` (``R`` - mean of the
+            group's other samples), groups = samples of the same prompt id and seat, a group of one or of equal
+            returns giving 0; ``reinforce`` (``R`` - running mean of ``R`` per prompt id and seat). ``R`` = score -
+            ``kl_coef`` x summed KL to the base, the same for every token of a sample.
         lr: Adam learning rate (paper: 1.41e-5).
         prefix_levels: shared-prefix tree depth in the forward engine (0 = automatic, 1 = no prefix reuse).
         seed: seed of every random stream of the run: initial states, option orders, sampling, minibatches,

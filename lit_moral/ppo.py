@@ -192,11 +192,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, vpred: torch.Tensor, ol
     vf1 = (vpred - returns) ** 2
     vf2 = (vclip - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.maximum(vf1, vf2), mask)
-    log_ratio = (logp - old_logp) * mask
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
-    pg_loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    pg_loss, pg = policy_loss(logp, old_logp, adv, mask, cfg.clip_range)
     loss = pg_loss + cfg.vf_coef * vf_loss
     ent = masked_mean(entropy, mask) if entropy is not None else torch.zeros((), device=logp.device)
     if cfg.ent_coef:
@@ -205,12 +201,135 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, vpred: torch.Tensor, ol
         "policy": pg_loss.detach(),
         "value": vf_loss.detach(),
         "entropy": ent.detach(),
+        "approx_kl": pg["approx_kl"],
+        "clipfrac": pg["clipfrac"],
+        "value_clipfrac": masked_mean((vf2 > vf1).float().detach(), mask),
+        "ratio": pg["ratio"],
+    }
+    return loss, stats
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip_range: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy part of :func:`ppo_loss`: ``-adv x ratio``, clipped as PPO, masked mean over steps.
+
+    With ``clip_range=None`` the ratio is not clipped (importance-weighted REINFORCE: at ratio 1, the first
+    pass of an iteration, its gradient is the plain ``-adv x grad logp``).
+
+    Args:
+        logp, old_logp: ``[N, T]`` log-probs of the sampled steps now and at rollout.
+        adv: ``[N, T]`` advantages. mask: ``[N, T]`` real steps.
+        clip_range: PPO's ratio clip, or None.
+
+    Returns:
+        ``(loss, stats)``; stats: ``approx_kl``, ``clipfrac``, ``ratio`` (detached scalars).
+    """
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = pg1 if clip_range is None else -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    stats = {
         "approx_kl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
         "clipfrac": masked_mean((pg2 > pg1).float().detach(), mask),
-        "value_clipfrac": masked_mean((vf2 > vf1).float().detach(), mask),
         "ratio": masked_mean(ratio.detach(), mask),
     }
     return loss, stats
+
+
+def critic_free_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                     clip_range: float | None, ent_coef: float = 0.0,
+                     entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`policy_loss` (- ``ent_coef`` x entropy): the loss of the learners without a value head.
+
+    Shapes as :func:`policy_loss`; ``entropy [N, T]`` optional.
+
+    Returns:
+        ``(loss, stats)``; stats: ``policy``, ``entropy``, ``approx_kl``, ``clipfrac``, ``ratio``.
+    """
+    pg_loss, pg = policy_loss(logp, old_logp, adv, mask, clip_range)
+    ent = masked_mean(entropy, mask) if entropy is not None else torch.zeros((), device=logp.device)
+    loss = pg_loss - ent_coef * ent if ent_coef else pg_loss
+    return loss, {"policy": pg_loss.detach(), "entropy": ent.detach(), **pg}
+
+
+def sequence_returns(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                     kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-level returns: :func:`kl_rewards` summed over steps, ``score - kl_coef x sum_t (logp - ref_logp)``.
+
+    The KL penalty stays in the reward, as PPO's, so the same controller sets its coefficient.
+
+    Args:
+        scores: ``[N]`` (normalised) rewards. logp, ref_logp, mask: ``[N, T]`` rollout log-probs.
+
+    Returns:
+        ``(returns [N], kl [N, T])``.
+    """
+    rewards, kl = kl_rewards(scores, logp, ref_logp, mask, kl_coef)
+    return rewards.sum(1), kl  # kl_rewards is 0 off the mask
+
+
+def group_stats(x: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of ``x`` over the group of each sample; a group is the samples with identical ``keys`` rows.
+
+    Computed in float64, so the estimators below are exact on hand-computed groups.
+
+    Args:
+        x: ``[N]`` values (returns). keys: ``[N, K]`` integer group key of each sample, e.g. ``(pid, seat)``;
+            samples that must never share a baseline (other agents, other seats) must differ in some column.
+
+    Returns:
+        Per sample, ``[N]`` each: ``count`` (group size), ``sum``, ``mean``, ``std`` (unbiased; 0 for a group of
+        one), ``flat`` (True where the group has one sample or all its values are equal).
+    """
+    _, gid = torch.unique(keys if keys.dim() == 2 else keys[:, None], dim=0, return_inverse=True)
+    g = int(gid.max()) + 1 if len(x) else 0
+    v = x.double()
+    count = torch.bincount(gid, minlength=g).double()
+    total = torch.zeros(g, dtype=v.dtype, device=v.device).index_add_(0, gid, v)
+    mean = total / count
+    sq = torch.zeros_like(total).index_add_(0, gid, (v - mean[gid]) ** 2)
+    std = (sq / (count - 1).clamp_min(1)).sqrt()
+    hi = torch.full_like(total, -math.inf).scatter_reduce(0, gid, v, "amax")
+    lo = torch.full_like(total, math.inf).scatter_reduce(0, gid, v, "amin")
+    flat = (count < 2) | (hi == lo)
+    return {"count": count[gid], "sum": total[gid], "mean": mean[gid], "std": std[gid], "flat": flat[gid]}
+
+
+def rloo_advantages(returns: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): ``r_i - mean of the others in i's group``.
+
+    A group of one has no other sample, and a group whose returns are all equal carries no comparison: both
+    get advantage exactly 0 (no gradient from them).
+
+    Args:
+        returns: ``[N]``. keys: ``[N, K]`` group keys (see :func:`group_stats`).
+
+    Returns:
+        ``(adv [N], baseline [N])`` in ``returns``' dtype; the baseline of a flat group's sample is its return.
+    """
+    st = group_stats(returns, keys)
+    r = returns.double()
+    base = torch.where(st["flat"], r, (st["sum"] - r) / (st["count"] - 1).clamp_min(1))
+    adv = torch.where(st["flat"], torch.zeros_like(r), r - base)
+    return adv.to(returns.dtype), base.to(returns.dtype)
+
+
+def grpo_advantages(returns: torch.Tensor, keys: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages (Shao et al. 2024, GRPO): ``(r_i - group mean) / (group std + eps)``.
+
+    ``std`` is the unbiased group std (as TRL's GRPOTrainer) and ``eps`` keeps a near-flat group finite. A group of
+    one (no std) and a group whose returns are all equal (std 0) get advantage exactly 0.
+
+    Args:
+        returns: ``[N]``. keys: ``[N, K]`` group keys (see :func:`group_stats`). eps: added to the std.
+
+    Returns:
+        ``(adv [N], baseline [N])`` in ``returns``' dtype; the baseline is the group mean.
+    """
+    st = group_stats(returns, keys)
+    adv = torch.where(st["flat"], torch.zeros_like(st["mean"]), (returns.double() - st["mean"]) / (st["std"] + eps))
+    return adv.to(returns.dtype), st["mean"].to(returns.dtype)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

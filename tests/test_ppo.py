@@ -13,11 +13,14 @@ from lit_moral.ppo import (
     KLController,
     PPOConfig,
     RunningMoments,
+    critic_free_loss,
     explained_variance,
     gae,
     kl_rewards,
     masked_mean,
+    policy_loss,
     ppo_loss,
+    sequence_returns,
     whiten,
 )
 
@@ -225,6 +228,44 @@ def test_ppo_loss_ratio_one_no_clipping():
     assert loss.item() == pytest.approx(1.0 + 0.5 * 0.01)
     assert st["clipfrac"].item() == 0.0 and st["value_clipfrac"].item() == 0.0
     assert st["approx_kl"].item() == 0.0 and st["ratio"].item() == pytest.approx(1.0)
+
+
+def test_policy_loss_is_ppo_losss_policy_part():
+    logp, old_logp, vpred, old_values, returns, adv, mask = _loss_inputs()
+    _, st = ppo_loss(logp, old_logp, vpred, old_values, returns, adv, mask, PPOConfig(clip_range=0.2))
+    pg, pst = policy_loss(logp, old_logp, adv, mask, 0.2)
+    assert pg.item() == st["policy"].item() == pytest.approx((-1.2 + 0.8 - 2.2 - 0.7) / 4, abs=1e-9)
+    assert all(pst[k].item() == st[k].item() for k in ("approx_kl", "clipfrac", "ratio"))
+
+
+def test_policy_loss_unclipped_hand_values_and_gradient():
+    logp, old_logp, _, _, _, adv, mask = _loss_inputs()
+    logp = logp.clone().requires_grad_(True)
+    pg, st = policy_loss(logp, old_logp, adv, mask, None)
+    # -A r on the 4 real entries: -1.5, 0.5, -2.2, -0.7 (no clipping)
+    assert pg.item() == pytest.approx((-1.5 + 0.5 - 2.2 - 0.7) / 4, abs=1e-9)
+    assert st["clipfrac"].item() == 0.0
+    pg.backward()
+    _close(logp.grad, [[-1.5 / 4, 0.5 / 4, -2.2 / 4], [-0.7 / 4, 0.0, 0.0]], 1e-9)
+
+
+def test_critic_free_loss_policy_and_entropy_only():
+    logp, old_logp, _, _, _, adv, mask = _loss_inputs()
+    entropy = _t([[1.0, 2.0, 3.0], [2.0, 50.0, 50.0]])  # masked mean 2.0
+    loss, st = critic_free_loss(logp, old_logp, adv, mask, 0.2, ent_coef=0.01, entropy=entropy)
+    pg = (-1.2 + 0.8 - 2.2 - 0.7) / 4
+    assert loss.item() == pytest.approx(pg - 0.02, abs=1e-9)
+    assert st["policy"].item() == pytest.approx(pg, abs=1e-9) and st["entropy"].item() == pytest.approx(2.0)
+    assert "value" not in st and st["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_sequence_returns_sum_the_per_step_kl_penalty():
+    scores = _t([1.0, -2.0])
+    logp = _t([[-1.0, -0.5], [-0.2, 5.0]])  # [1, 1] is padding
+    ref = _t([[-1.5, -0.7], [-0.1, 0.0]])
+    ret, kl = sequence_returns(scores, logp, ref, _t([[1, 1], [1, 0]]), kl_coef=0.1)
+    _close(kl, [[0.5, 0.2], [-0.1, 0.0]], 1e-12)
+    _close(ret, [1.0 - 0.1 * 0.7, -2.0 + 0.1 * 0.1], 1e-12)
 
 
 # ---------------------------------------------------------------- KL controller
