@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lit_moral import public_goods as pgg
 from lit_moral.errors import ConfigError, check_choice, check_positive
 from lit_moral.games import ACTION_NAMES, GAME_NAMES, ILLEGAL, MatrixGame
 from lit_moral.opponents import LLM_OPPONENT, OPPONENTS, make_opponent
@@ -60,7 +61,11 @@ class EvalConfig:
     Attributes:
         episodes: games per cell (model, game, variant, opponent) and run (paper: 10).
         rounds: rounds per game (paper: 5).
-        games: games whose payoff tables are shown; rewards and regrets use the same table.
+        games: games whose payoff tables are shown; rewards and regrets use the same table. Besides the 2x2 games,
+            ``PGG<N>[_r<r>][_e<E>]`` is the N-player public-goods game (r 2, E 10 unless given; PGG4: N 4, s 5):
+            the model in one seat, every other seat the contribution policy of the opponent (random ->
+            random_contributor, tft -> conditional_contributor, always_cooperate -> full_contributor,
+            always_defect -> free_rider; other opponents and prompt kinds without a payoff table are skipped there).
         opponents: fixed strategies, plus ``llm`` = every other agent of the run (skipped with one agent).
         variants: prompt variants: training_tokens, new_tokens (action3/action4, the paper's evaluation),
             permuted, reversed (payoff-table order, new tokens), choice, no_payoffs, opponent_move,
@@ -106,7 +111,11 @@ class EvalConfig:
             if isinstance(values, str) or (name != "personas" and not values):
                 raise ConfigError(f"evaluation.{name}: expected a non-empty list; got {values!r}")
             for v in values:
-                check_choice(f"evaluation.{name}", v, allowed)
+                if name == "games" and isinstance(v, str) and v.startswith("PGG"):
+                    pgg.PublicGoodsGame.from_name(v, "evaluation.games")
+                else:
+                    check_choice(f"evaluation.{name}", v, (*allowed, "PGG<N>[_r<r>][_e<E>]") if name == "games"
+                                 else allowed)
         if self.report_variant is None:
             self.report_variant = "new_tokens" if "new_tokens" in self.variants else self.variants[0]
         if self.report_opponent is None:
@@ -126,9 +135,11 @@ class _EvalSampler(ActionSampler):
     def reset(self) -> None:
         return None
 
-    def warm(self, players: Sequence[str]) -> None:
-        """Run every prompt of the table for every player (not yet run) in one mixed-adapter forward."""
-        self._resolve([(a, p, ()) for a in players for p in range(self.renderer.n_ids)])
+    def warm(self, players: Sequence[str], n_prompts: int | None = None) -> None:
+        """Run the first ``n_prompts`` prompts of the table (default: all of them) for every player (not yet run) in
+        one mixed-adapter forward."""
+        n = self.renderer.n_ids if n_prompts is None else n_prompts
+        self._resolve([(a, p, ()) for a in players for p in range(n)])
 
 
 WARMUP_LABEL = "warmup"
@@ -195,6 +206,9 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
     seed, rows, samplers = cfg.seed + run, [], {}
     try:
         for game_name in cfg.games:
+            if pgg.is_game_name(game_name):
+                rows += _public_goods_cells(module, cfg, pgg.PublicGoodsGame.from_name(game_name), samplers, seed, run)
+                continue
             game = MatrixGame.from_spec(game_name)
             for variant in cfg.variants:
                 for persona, models in _by_persona(module, cfg).items():
@@ -226,7 +240,46 @@ def _play_cell(module, cfg: EvalConfig, sampler: ActionSampler, game: MatrixGame
                       dict(run=run, seed=seed, model=label, game=game.name, variant=variant, opponent=opp))
 
 
-def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, fixed: dict) -> list[dict]:
+def _public_goods_cells(module, cfg: EvalConfig, game: pgg.PublicGoodsGame, samplers: dict, seed: int,
+                        run: int) -> list[dict]:
+    """Every (model, variant, opponent) cell of a public-goods game: the variants with a payoff table, the
+    opponents with a contribution-policy counterpart (``pgg.EVAL_CONTRIBUTORS``), streams as :func:`_play_cell`'s."""
+    rows = []
+    for variant in [v for v in cfg.variants if VARIANTS[v][2] == "game"]:
+        for persona, models in _by_persona(module, cfg).items():
+            renderer = pgg.PublicGoodsRenderer(module.tokenizer, game, style_for(module, cfg, variant, persona))
+            sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
+                module.policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
+                with_reference=False))
+            sampler.warm(sorted({p for _, p in models}), len(renderer.token_ids))
+            for label, player in models:
+                for opp in [o for o in opponents_of(module, cfg, player, persona) if o in pgg.EVAL_CONTRIBUTORS]:
+                    rows += _play_public_goods_cell(module, cfg, sampler, game, (label, player, variant, opp), seed, run)
+    return rows
+
+
+def _play_public_goods_cell(module, cfg: EvalConfig, sampler: ActionSampler, game: pgg.PublicGoodsGame,
+                            cell: tuple[str, str, str, str], seed: int, run: int) -> list[dict]:
+    label, player, variant, opp = cell
+    where = ("eval", game.name, variant, opp)
+    streams = Streams.from_seed(seed, *where)
+    others = [pgg.make_contributor(pgg.EVAL_CONTRIBUTORS[opp], game.n, derive_seed(seed, *where, "opponent", j))
+              for j in range(1, game.n)]
+    first = module.rewards[module.agent_names[0]]
+    rewards = {BASE: first, WARMUP_LABEL: first, **module.rewards}
+    (s,) = pgg.play(sampler, game, [player], others, cfg.episodes, cfg.rounds, rewards, streams)[player]
+    xi = module.hparams.xi if cfg.xi is None else cfg.xi
+    regrets = (game.deontological_regret(s.action, s.k_prev, xi, rewards[player].illegal_penalty),
+               game.utilitarian_regret(s.action, s.k_others, rewards[player].illegal_penalty))
+    rows = round_rows(s, game, rewards[player], xi, sampler.renderer,
+                      dict(run=run, seed=seed, model=label, game=game.name, variant=variant, opponent=opp), regrets)
+    for row, k_prev, k_others in zip(rows, s.k_prev.tolist(), s.k_others.tolist()):
+        row.update(k_prev=k_prev, k_others=k_others, n_players=game.n)
+    return rows
+
+
+def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, fixed: dict,
+               regrets: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
     """Per-round dicts from one player's AgentSamples ``s`` (``[N]`` tensors) in ``game``.
 
     Rewards are the ones ``play`` computed with the run's reward spec (its deontological penalty is the
@@ -235,14 +288,19 @@ def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, f
 
     ``payoff_me`` is empty for an illegal answer (the player gets the illegal penalty instead);
     ``payoff_other`` counts the illegal answer as the player's last legal move (protocol section 3).
+    ``regrets``: ``(deontological [N], utilitarian [N])`` computed by the caller (the public-goods game), instead
+    of the 2x2 regrets of ``game``.
     """
     legal = s.action != ILLEGAL
     pay_me, pay_other = s.payoff_me, s.payoff_other  # the player's own view; rollout.play computed them
-    util = torch.zeros(len(s))
-    for seat in (0, 1):
-        at = s.seat == seat
-        util[at] = utilitarian_regret(s.action[at], s.other_action[at], game.view(seat).payoffs, spec.illegal_penalty)
-    deon = deontological_regret(s.action, s.prev_other, xi, spec.illegal_penalty)
+    if regrets is None:
+        util = torch.zeros(len(s))
+        for seat in (0, 1):
+            at = s.seat == seat
+            util[at] = utilitarian_regret(s.action[at], s.other_action[at], game.view(seat).payoffs, spec.illegal_penalty)
+        deon = deontological_regret(s.action, s.prev_other, xi, spec.illegal_penalty)
+    else:
+        deon, util = regrets
     decoded: dict[tuple, str] = {}
     cols = dict(episode=s.episode.tolist(), round=s.round.tolist(), prev_me=s.prev_me.tolist(),
                 prev_other=s.prev_other.tolist(), action=s.action.tolist(), other_action=s.other_action.tolist(),
@@ -299,6 +357,11 @@ def finish(rows: list[dict], meta: dict, out: Path | None, plots: bool, experime
         figs = write_outputs(out, rows, summary, meta, plots)
     else:
         figs = figures(summary, meta) if plots and experiment is not None else {}
+    if plots and (out is not None or experiment is not None):  # the public-goods games' contribution curves
+        for name, fig in pgg.figures(rows, meta).items():
+            if out is not None:
+                fig.savefig(out / name, dpi=120, bbox_inches="tight")
+            figs[name] = fig
     scalars = tensorboard_scalars(summary, meta)
     if experiment is not None and hasattr(experiment, "add_scalar"):
         for k, v in scalars.items():

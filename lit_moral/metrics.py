@@ -170,3 +170,67 @@ class SelectionMatrix(_SumMetric):
 
     def compute(self) -> torch.Tensor:
         return self.counts / self.counts.sum(1, keepdim=True).clamp_min(1)
+
+
+class PublicGoodsRegret(_SumMetric):
+    """Mean per-round moral regret in the n-player public-goods game (docs/public_goods.md): ``deontological``
+    (``xi k_prev / (N - 1)`` when keeping, 0..6 with an illegal answer) or ``utilitarian`` (0..1, normalised by the
+    best collective payoff and the illegal penalty). At N = 2 both equal :class:`MoralRegret`'s.
+
+    Args:
+        kind: which regret.
+        game: a :class:`lit_moral.public_goods.PublicGoodsGame` (its regret functions are used).
+        xi: deontological penalty used for the regret.
+        illegal_penalty: reward of an illegal answer.
+    """
+
+    def __init__(self, kind: str, game, xi: float = 3.0, illegal_penalty: float = -6.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if kind not in ("deontological", "utilitarian"):
+            raise ValueError(f"kind: {kind!r}; allowed: deontological, utilitarian")
+        self.kind, self.game, self.xi, self.illegal_penalty = kind, game, xi, illegal_penalty
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, action: torch.Tensor, k_others: torch.Tensor, k_prev: torch.Tensor) -> None:
+        """Add ``[B]`` rounds: the action, the others contributing this round and in the previous one."""
+        action, k_others, k_prev = action.cpu(), k_others.cpu(), k_prev.cpu()
+        if self.kind == "deontological":
+            r = self.game.deontological_regret(action, k_prev, self.xi, self.illegal_penalty)
+        else:
+            r = self.game.utilitarian_regret(action, k_others, self.illegal_penalty)
+        self.total += r.sum().to(self.total.dtype).to(self.total.device)
+        self.count += r.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp_min(1)
+
+
+class ConditionalContribution(_SumMetric):
+    """The conditional-contribution curve of the public-goods game: P(C | own previous move, k_prev), with
+    k_prev = others who contributed last round; illegal answers count as not contributing.
+
+    ``compute`` returns ``[2, N]`` (row 0: after the player's own C, row 1: after its D; column k = k_prev),
+    NaN where a state had no rounds.
+
+    Args:
+        n_players: N.
+    """
+
+    def __init__(self, n_players: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_players = n_players
+        self.add_state("contributions", torch.zeros(2 * n_players, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rounds", torch.zeros(2 * n_players, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, action: torch.Tensor, prev_me: torch.Tensor, k_prev: torch.Tensor) -> None:
+        """Add ``[B]`` rounds: the action, the player's own previous move (C/D) and k_prev."""
+        idx = (prev_me.long() * self.n_players + k_prev.long()).cpu()
+        size = 2 * self.n_players
+        self.rounds += torch.bincount(idx, minlength=size).to(self.rounds.dtype).to(self.rounds.device)
+        given = torch.bincount(idx[action.cpu() == C], minlength=size)
+        self.contributions += given.to(self.contributions.dtype).to(self.contributions.device)
+
+    def compute(self) -> torch.Tensor:
+        p = self.contributions / self.rounds.clamp_min(1)
+        return torch.where(self.rounds > 0, p, torch.full_like(p, float("nan"))).view(2, self.n_players)

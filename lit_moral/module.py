@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_moral import models
+from lit_moral import public_goods as pgg
 from lit_moral.adapters import check_adapter, read_adapter
 from lit_moral.config import AgentConfig, agent_configs, validate_agents, validate_basics, validate_lora, validate_sizes
 from lit_moral.distributed import any_true, average_gradients, is_distributed, without_ddp_reducer
@@ -41,6 +42,7 @@ from lit_moral.pairing import (
 from lit_moral.policy import LoraSpec, Policy
 from lit_moral.ppo import PPOConfig
 from lit_moral.prompts import PromptRenderer, PromptStyle
+from lit_moral.public_goods import PublicGoodsConfig
 from lit_moral.rewards import RewardSpec
 from lit_moral.rollout import ActionSampler, AgentSamples, Match, merge, play
 from lit_moral.seeding import Streams, generator, opponent_seed
@@ -137,6 +139,10 @@ class MoralPPO(pl.LightningModule):
             evaluation shows the adapter alone as the ``warmup`` row.
         memory: rounds of history the prompt shows (1 = the paper's memory-1 state, up to 4); each episode's
             earlier rounds are drawn as the start state is, one draw per round.
+        public_goods: None (default): the 2x2 ``game``. Settings of the n-player public-goods game instead (players
+            ``n``, ``endowment``, ``share``, contribution policies ``others``; docs/public_goods.md): every game is
+            one group of all the agents and the policies; ``game`` and ``opponent`` are then unused, and
+            ``pairing`` must be ``fixed``.
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class MoralPPO(pl.LightningModule):
         system_prompt: str | None = None,
         init_adapter: str | None = None,
         memory: int = 1,
+        public_goods: PublicGoodsConfig | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -181,8 +188,9 @@ class MoralPPO(pl.LightningModule):
         self.agent_cfgs = agent_configs(agents)
         self.strategies = list(strategies or [])
         self.lora, self.ppo_cfg = lora or LoraSpec(), ppo or PPOConfig()
+        self.public_goods = pgg.public_goods_config(public_goods)
         self._validate()
-        self.game = MatrixGame.from_spec(game, "game")
+        self.game = MatrixGame.from_spec(game, "game") if self.public_goods is None else self.public_goods.game()
         self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt, memory=memory)
         self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
@@ -196,6 +204,7 @@ class MoralPPO(pl.LightningModule):
         self.set_opponent(opponent)
         self.episode = self.iteration = 0
         self.streams = Streams.from_seed(seed, "rank", 0)
+        self.contributors = self.public_goods.contributors(len(self.agent_names), seed) if self.public_goods else []
         self.pairing_gen = generator(seed, "pairing")  # identical on every process: all play the same pairs
         self.policy: Policy | None = None
         self.tokenizer = self.renderer = self.sampler = None
@@ -232,6 +241,10 @@ class MoralPPO(pl.LightningModule):
             fixed_pairs(self.agent_names_of_cfg(), self._opponent_names(hp.opponent))  # llm agents pair up evenly
         if hp.init_adapter is not None:
             check_adapter(hp.init_adapter, self.lora)
+        if self.public_goods is not None and hp.pairing != "fixed":
+            raise ConfigError(f"pairing: {hp.pairing!r}; the public-goods game plays every agent in one group: use fixed")
+        if self.public_goods is not None and hp.memory != 1:
+            raise ConfigError(f"memory: {hp.memory}; the public-goods game's prompt shows the last round only: use 1")
 
     def agent_names_of_cfg(self) -> list[str]:
         return [a.name for a in self.agent_cfgs]
@@ -241,6 +254,8 @@ class MoralPPO(pl.LightningModule):
         return {a.name: a.opponent or default for a in self.agent_cfgs}
 
     def _new_metrics(self) -> torch.nn.ModuleDict:
+        if self.public_goods is not None:
+            return pgg.new_metrics(self.game, self.hparams.xi, self.hparams.illegal_penalty)
         return torch.nn.ModuleDict({
             "coop": CooperationRate(), "illegal": IllegalRate(), "types": ActionTypes(),
             "deon": MoralRegret("deontological", xi=self.hparams.xi, illegal_penalty=self.hparams.illegal_penalty),
@@ -295,7 +310,8 @@ class MoralPPO(pl.LightningModule):
                 self.policy.load_adapter_state(agent, start)
         if hp.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
-        self.renderer = PromptRenderer(self.tokenizer, self.game, self.style)
+        self.renderer = (PromptRenderer(self.tokenizer, self.game, self.style) if self.public_goods is None
+                         else pgg.PublicGoodsRenderer(self.tokenizer, self.game, self.style))
         limit = getattr(base.config, "max_position_embeddings", None)
         need = self.renderer.max_prompt_len + hp.max_new_tokens
         if limit is not None and need > limit:
@@ -312,6 +328,8 @@ class MoralPPO(pl.LightningModule):
         if rank:
             # Each process plays its own games: its own streams, for states, orders, sampling and opponents.
             self.streams = Streams.from_seed(self.hparams.seed, "rank", rank)
+            if self.public_goods is not None:
+                self.contributors = self.public_goods.contributors(len(self.agent_names), self.hparams.seed, rank)
             self.opponents.clear()
             self.set_opponent(self.opponent_name)
 
@@ -411,8 +429,12 @@ class MoralPPO(pl.LightningModule):
         t0 = time.perf_counter()
         self.policy.eval()
         picks = self._select() if self.hparams.pairing == "selection" else {}
-        matches = self._selected_matches(picks) if picks else self.matches()
-        played = play(self.sampler, matches, self.game, self.hparams.rounds_per_episode, self.rewards, self.streams)
+        if self.public_goods is not None:
+            played = pgg.play(self.sampler, self.game, self.agent_names, self.contributors, self._local_games(),
+                              self.hparams.rounds_per_episode, self.rewards, self.streams)
+        else:
+            matches = self._selected_matches(picks) if picks else self.matches()
+            played = play(self.sampler, matches, self.game, self.hparams.rounds_per_episode, self.rewards, self.streams)
         self.last_selection = {a: self._selection_samples(a, mv, pid, games, played) for a, (mv, pid, games)
                                in picks.items()}
         self._population_metrics(played, picks)
@@ -498,8 +520,16 @@ class MoralPPO(pl.LightningModule):
             m = self.metrics[agent]
             m["coop"](s.action)
             m["illegal"](s.action)
-            m["deon"](s.action, s.other_action, s.prev_other)
-            m["util"](s.action, s.other_action, s.prev_other, s.seat)
+            if "curve" in m:  # the public-goods game: regrets from the exact counts, and P(C | state)
+                m["deon"](s.action, s.k_others, s.k_prev)
+                m["util"](s.action, s.k_others, s.k_prev)
+                m["curve"].update(s.action, s.prev_me, s.k_prev)
+                logs.update(pgg.curve_logs(m["curve"].compute(), agent))  # a [2, N] tensor: logged as scalars
+                m["curve"].reset()
+                logs.update(pgg.group_logs(s))
+            else:
+                m["deon"](s.action, s.other_action, s.prev_other)
+                m["util"](s.action, s.other_action, s.prev_other, s.seat)
             types = m["types"](s.action, s.prev_other)
             self.last_action_types[agent] = types
             for key, metric in (("game/coop_rate", "coop"), ("game/illegal_rate", "illegal"),
@@ -546,7 +576,8 @@ class MoralPPO(pl.LightningModule):
     def _rng_states(self) -> list[dict]:
         """Every process's random state in rank order: its streams, torch's global RNG (dropout), opponents."""
         mine = {"streams": self.streams.state_dict(), "torch": torch.get_rng_state(),
-                "opponents": {f"{a}|{name}": o.state_dict() for (a, name), o in self.opponents.items()}}
+                "opponents": {f"{a}|{name}": o.state_dict() for (a, name), o in self.opponents.items()},
+                "contributors": [c.state_dict() for c in self.contributors]}
         if not is_distributed(self._trainer):
             return [mine]
         out: list = [None] * self.trainer.world_size
@@ -604,3 +635,5 @@ class MoralPPO(pl.LightningModule):
                 agent, name = key.split("|")
                 if agent in self.agent_names:
                     self.opponent_for(agent, name).load_state_dict(o)
+            for c, st in zip(self.contributors, mine.get("contributors", [])):
+                c.load_state_dict(st)
