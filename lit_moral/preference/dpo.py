@@ -144,17 +144,7 @@ class DPO(PairTrainer):
         out.update(logp_chosen=lc, logp_rejected=lr, legal_mass=logp.exp().sum(-1)[inv], kl_choice=choice_kl(logp, ref)[inv])
         return out
 
-    # ---- training -----------------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        self.policy.train()
-        self.policy.activate(self.adapter)
-        idx = self.batch_pairs(self.current_epoch, batch_idx)
-        stats = self.pair_stats_of(idx)
-        self.log_dict({f"dpo/{k}/{self.adapter}": v.detach().mean() for k, v in stats.items()}, on_step=True,
-                      batch_size=len(idx))
-        self.log("loss", stats["loss"].detach().mean(), prog_bar=True, logger=False, batch_size=len(idx))
-        return stats["loss"].mean()
-
+    # ---- behaviour ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def p_cooperate(self) -> dict[str, float]:
         """``dpo/p_c/<state>/agent_0``: P(C's string | state), renormalised over the two strings, mean over the four
@@ -231,6 +221,6 @@ class PreferenceExport(AdapterExport):
                  "started from": pl_module.hparams.init_adapter or "LoRA's zero start",
                  "LoRA": f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, targets {lora.target_modules}",
                  "learning rate": pl_module.lr, "seed": pl_module.seed}
-        metrics = {k: float(v) for k, v in pl_module.last_stats.items()}
+        metrics = dict(pl_module.current_stats())
         finish_export(folder, pl_module.hparams.model, model_card(agent, pl_module.hparams.model, facts, metrics))
         (folder / EXPORT_INFO).write_text(json.dumps(export_info(pl_module, agent), indent=1) + "\n")

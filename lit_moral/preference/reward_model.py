@@ -80,6 +80,7 @@ class RewardModel(PairTrainer):
     kind = "reward_model"
     section = "rm"
     adapter = ADAPTER
+    saves_head = True
 
     def __init__(self, model: str = models.SMOLLM2, dtype: str = "float32", game: str | list = "IPD",
                  actions: tuple[str, str] = ("action1", "action2"),
@@ -115,15 +116,11 @@ class RewardModel(PairTrainer):
         sc, sr, _ = self.gather_pairs(idx, self.answer_values(rows.tolist()), rows)
         return {**bradley_terry_loss(sc, sr), "score_chosen": sc, "score_rejected": sr}
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        self.policy.train()
-        self.policy.activate(self.adapter)
-        idx = self.batch_pairs(self.current_epoch, batch_idx)
-        stats = self.pair_stats_of(idx)
-        self.log_dict({f"rm/{k}/{self.adapter}": v.detach().mean() for k, v in stats.items()}, on_step=True,
-                      batch_size=len(idx))
-        self.log("loss", stats["loss"].detach().mean(), prog_bar=True, logger=False, batch_size=len(idx))
-        return stats["loss"].mean()
+    def checkpoint_section(self) -> dict:
+        # No agents and no action mode: a reward model is not an agent, so ``fit`` and ``dpo`` (whose configs have an
+        # action mode) refuse its checkpoint as ``ckpt_path`` before any folder is made (cli.check_fingerprint).
+        fingerprint = {"model": self.hparams.model, "lora_r": self.lora.r, "action_mode": None}
+        return {**super().checkpoint_section(), "fingerprint": fingerprint}
 
     def on_fit_start(self) -> None:
         run = Path(self.trainer.log_dir) if self.trainer.log_dir else None

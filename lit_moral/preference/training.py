@@ -45,14 +45,16 @@ def validate_lora(lora: LoraSpec) -> None:
 class PairTrainer(pl.LightningModule):
     """Base of :class:`~lit_moral.preference.dpo.DPO` and :class:`~lit_moral.preference.reward_model.RewardModel`.
 
-    Subclasses set ``kind`` (checkpoint kind and random-stream name), ``section`` (log section) and ``adapter``
-    (the trained adapter), call :meth:`_setup` from ``__init__`` and implement :meth:`build_policy`,
-    :meth:`answer_values` and :meth:`pair_stats_of`.
+    Subclasses set ``kind`` (checkpoint kind and random-stream name), ``section`` (log section of the step
+    statistics), ``adapter`` (the trained adapter) and ``saves_head`` (whether its scalar head is trained and
+    checkpointed), call :meth:`_setup` from ``__init__`` and implement :meth:`build_policy`, :meth:`answer_values`,
+    :meth:`pair_stats_of` and ``configure_optimizers``.
     """
 
     kind = "pairs"
     section = "pairs"
     adapter = "agent_0"
+    saves_head = False  # whether the adapter's value head is trained (and checkpointed)
 
     def _setup(self, *, model: str, dtype: str, lora: LoraSpec, game, actions, system_prompt, pairs, batch_size: int,
                lr: float, seed: int, init_adapter: str | None = None) -> None:
@@ -78,6 +80,7 @@ class PairTrainer(pl.LightningModule):
         self.tokenizer = None
         self.strict_loading = False
         self.last_stats: dict[str, float] = {}
+        self._stats_step: int | None = None
         self._renderers: dict[tuple, PromptRenderer] = {}
         self._order: tuple[int, torch.Tensor] | None = None
 
@@ -166,6 +169,17 @@ class PairTrainer(pl.LightningModule):
         """``[b]`` per-pair loss and statistics of pairs ``idx`` (with gradient when enabled)."""
         raise NotImplementedError
 
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """One optimizer step on a batch of pairs: their mean loss; the batch's statistics as ``<section>/<name>/<adapter>``."""
+        self.policy.train()
+        self.policy.activate(self.adapter)
+        idx = self.batch_pairs(self.current_epoch, batch_idx)
+        stats = self.pair_stats_of(idx)
+        self.log_dict({f"{self.section}/{k}/{self.adapter}": v.detach().mean() for k, v in stats.items()}, on_step=True,
+                      batch_size=len(idx))
+        self.log("loss", stats["loss"].detach().mean(), prog_bar=True, logger=False, batch_size=len(idx))
+        return stats["loss"].mean()
+
     @torch.no_grad()
     def all_pair_stats(self) -> dict[str, float]:
         """Means over every training pair of :meth:`pair_stats_of`, in eval mode, as ``pairs/<name>/<adapter>``."""
@@ -181,6 +195,13 @@ class PairTrainer(pl.LightningModule):
             self.policy.train(was)
         return {f"pairs/{k}/{self.adapter}": v / len(self.pairs) for k, v in sums.items()}
 
+    def current_stats(self) -> dict[str, float]:
+        """:meth:`all_pair_stats` of the current weights, computed once per optimizer step (callbacks that save
+        checkpoints and export adapters run before the module's own epoch-end hook, and read it too)."""
+        if self._stats_step != self.global_step:
+            self.last_stats, self._stats_step = self.all_pair_stats(), self.global_step
+        return self.last_stats
+
     def log_direct(self, values: dict[str, float], step: int) -> None:
         """Write scalars to TensorBoard outside the hooks where ``self.log`` works (before the first step)."""
         exp = getattr(self.logger, "experiment", None) if self._trainer is not None and self.logger else None
@@ -189,18 +210,20 @@ class PairTrainer(pl.LightningModule):
                 exp.add_scalar(k, v, global_step=step)
 
     def on_train_start(self) -> None:
-        self.last_stats = self.all_pair_stats()  # the start, step 0: what training moves away from
-        self.log_direct(self.last_stats, 0)
+        self.log_direct(self.current_stats(), self.global_step)  # the start (step 0): what training moves away from
 
     def on_train_epoch_end(self) -> None:
-        self.last_stats = self.all_pair_stats()
-        self.log_dict(self.last_stats, on_epoch=True, batch_size=1)
+        self.log_dict(self.current_stats(), on_epoch=True, batch_size=1)
 
     # ---- checkpoints: trainable state only ----------------------------------------------------------------
+    def _trainable_key(self, key: str) -> bool:
+        if "lora_" in key and f".{self.adapter}." in key:
+            return True
+        return self.saves_head and f"value_heads.{self.adapter}." in key
+
     def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        mine = lambda k: ("lora_" in k and f".{self.adapter}." in k) or f"value_heads.{self.adapter}." in k  # noqa: E731
-        return {k: v for k, v in full.items() if mine(k)}
+        """Only the trained adapter's LoRA weights (and its head, if trained): not the frozen base."""
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if self._trainable_key(k)}
 
     def check_finite_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Refuse to save (FloatingPointError) when a trainable weight holds a NaN or infinity."""
@@ -211,7 +234,7 @@ class PairTrainer(pl.LightningModule):
     def checkpoint_section(self) -> dict:
         """What ``checkpoint["lit_moral"]`` holds: kind, pair settings and count, last statistics."""
         return {"kind": self.kind, "pairs": {"count": len(self.pairs), "labeller": sorted({p.labeller for p in self.pairs})},
-                "stats": dict(self.last_stats), "step": self.global_step}
+                "stats": dict(self.current_stats()), "step": self.global_step}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite_weights(checkpoint["state_dict"])
