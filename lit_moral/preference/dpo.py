@@ -126,22 +126,20 @@ class DPO(PairTrainer):
             was = self.policy.training
             self.policy.eval()  # BASE rows run through peft's per-row hooks, which need eval mode
             try:
-                rows = list(range(len(self.prompt_tokens)))
-                parts = [self._logprobs(rows[i:i + self.batch_size], BASE) for i in range(0, len(rows), self.batch_size)]
+                self._ref = torch.cat([self._logprobs(rows, BASE) for rows in self.row_chunks()])
             finally:
                 self.policy.train(was)
-            self._ref = torch.cat(parts)
         return self._ref
 
-    def pair_stats_of(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[b]`` DPO loss, implicit rewards, margin, accuracy, log-probs, legal mass and choice KL of pairs ``idx``."""
-        rows = torch.unique(self.pair_prompt[idx])
-        logp = self.answer_values(rows.tolist())
-        ref = self.reference_logp()[rows.to(self._ref.device)].to(logp.device)
-        lc, lr, inv = self.gather_pairs(idx, logp, rows)
+    def pair_stats(self, idx: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[b]`` DPO loss, implicit rewards, margin, accuracy, log-probs, legal mass and choice KL of pairs ``idx``,
+        from agent_0's log-probs ``values [U, 2]`` of the prompt rows ``rows [U]``."""
+        ref = self.reference_logp()[rows.to(self._ref.device)].to(values.device)
+        lc, lr, inv = self.gather_pairs(idx, values, rows)
         rc, rr, _ = self.gather_pairs(idx, ref, rows)
         out = dpo_loss(lc, lr, rc, rr, self.beta)
-        out.update(logp_chosen=lc, logp_rejected=lr, legal_mass=logp.exp().sum(-1)[inv], kl_choice=choice_kl(logp, ref)[inv])
+        out.update(logp_chosen=lc, logp_rejected=lr, legal_mass=values.exp().sum(-1)[inv],
+                   kl_choice=choice_kl(values, ref)[inv])
         return out
 
     # ---- behaviour ----------------------------------------------------------------------------------------

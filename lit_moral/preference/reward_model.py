@@ -110,10 +110,10 @@ class RewardModel(PairTrainer):
                                [prompts[i][1] for i, _ in conts], [a for _, a in conts])
         return scores.view(len(rows), 2)
 
-    def pair_stats_of(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[b]`` Bradley-Terry loss, margin, accuracy and the two scores of pairs ``idx``."""
-        rows = torch.unique(self.pair_prompt[idx])
-        sc, sr, _ = self.gather_pairs(idx, self.answer_values(rows.tolist()), rows)
+    def pair_stats(self, idx: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[b]`` Bradley-Terry loss, margin, accuracy and the two scores of pairs ``idx``, from the scores
+        ``values [U, 2]`` of the prompt rows ``rows [U]``."""
+        sc, sr, _ = self.gather_pairs(idx, values, rows)
         return {**bradley_terry_loss(sc, sr), "score_chosen": sc, "score_rejected": sr}
 
     def checkpoint_section(self) -> dict:

@@ -48,7 +48,7 @@ class PairTrainer(pl.LightningModule):
     Subclasses set ``kind`` (checkpoint kind and random-stream name), ``section`` (log section of the step
     statistics), ``adapter`` (the trained adapter) and ``saves_head`` (whether its scalar head is trained and
     checkpointed), call :meth:`_setup` from ``__init__`` and implement :meth:`build_policy`, :meth:`answer_values`,
-    :meth:`pair_stats_of` and ``configure_optimizers``.
+    :meth:`pair_stats` and ``configure_optimizers``.
     """
 
     kind = "pairs"
@@ -141,6 +141,16 @@ class PairTrainer(pl.LightningModule):
         """``[len(rows), 2]`` the trained quantity (log-prob or score) of C's and D's answer after each prompt row."""
         raise NotImplementedError
 
+    def row_chunks(self) -> list[list[int]]:
+        """Every prompt row, in fixed chunks of ``batch_size`` rows: whole-set passes (the reference, the statistics)
+        run the same batches, so a policy equal to its reference gives bit-equal log-probs."""
+        rows = list(range(len(self.prompt_tokens)))
+        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def answer_table(self) -> torch.Tensor:
+        """``[U, 2]`` :meth:`answer_values` of every prompt row, by :meth:`row_chunks`."""
+        return torch.cat([self.answer_values(rows) for rows in self.row_chunks()])
+
     # ---- batches ------------------------------------------------------------------------------------------
     @property
     def steps_per_epoch(self) -> int:
@@ -165,8 +175,9 @@ class PairTrainer(pl.LightningModule):
         ar = torch.arange(len(idx), device=values.device)
         return values[inv][ar, c], values[inv][ar, 1 - c], inv
 
-    def pair_stats_of(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[b]`` per-pair loss and statistics of pairs ``idx`` (with gradient when enabled)."""
+    def pair_stats(self, idx: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[b]`` per-pair loss and statistics of pairs ``idx [b]``, from ``values [U, 2]`` (:meth:`answer_values`) of
+        the sorted prompt rows ``rows [U]`` (with gradient when ``values`` has one)."""
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -174,7 +185,8 @@ class PairTrainer(pl.LightningModule):
         self.policy.train()
         self.policy.activate(self.adapter)
         idx = self.batch_pairs(self.current_epoch, batch_idx)
-        stats = self.pair_stats_of(idx)
+        rows = torch.unique(self.pair_prompt[idx])  # the batch's distinct prompts: each runs once, with both answers
+        stats = self.pair_stats(idx, self.answer_values(rows.tolist()), rows)
         self.log_dict({f"{self.section}/{k}/{self.adapter}": v.detach().mean() for k, v in stats.items()}, on_step=True,
                       batch_size=len(idx))
         self.log("loss", stats["loss"].detach().mean(), prog_bar=True, logger=False, batch_size=len(idx))
@@ -182,18 +194,15 @@ class PairTrainer(pl.LightningModule):
 
     @torch.no_grad()
     def all_pair_stats(self) -> dict[str, float]:
-        """Means over every training pair of :meth:`pair_stats_of`, in eval mode, as ``pairs/<name>/<adapter>``."""
+        """Means over every training pair of :meth:`pair_stats`, in eval mode, as ``pairs/<name>/<adapter>``."""
         was = self.policy.training
         self.policy.eval()
         try:
-            sums: dict[str, float] = {}
-            for start in range(0, len(self.pairs), self.batch_size):
-                idx = torch.arange(start, min(start + self.batch_size, len(self.pairs)))
-                for k, v in self.pair_stats_of(idx).items():
-                    sums[k] = sums.get(k, 0.0) + float(v.sum())
+            values = self.answer_table()
         finally:
             self.policy.train(was)
-        return {f"pairs/{k}/{self.adapter}": v / len(self.pairs) for k, v in sums.items()}
+        stats = self.pair_stats(torch.arange(len(self.pairs)), values, torch.arange(len(self.prompt_tokens)))
+        return {f"pairs/{k}/{self.adapter}": float(v.mean()) for k, v in stats.items()}
 
     def current_stats(self) -> dict[str, float]:
         """:meth:`all_pair_stats` of the current weights, computed once per optimizer step (callbacks that save
