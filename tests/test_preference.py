@@ -526,6 +526,7 @@ def test_learned_reward_is_memoised_and_fills_rollout_samples(rm_run, monkeypatc
 
 def test_learned_reward_refuses_bad_checkpoints_by_field(rm_run, dpo_run):
     from lit_moral.preference import LearnedReward
+    from lit_moral.preference.reward_model import check_learned
 
     _, rm = rm_run
     _, dpo = dpo_run
@@ -538,3 +539,8 @@ def test_learned_reward_refuses_bad_checkpoints_by_field(rm_run, dpo_run):
         LearnedReward.load(ckpt, model="smollm2-135m-instruct")
     with pytest.raises(ConfigError, match="ranks the action strings \\['action1', 'action2'\\], the run shows"):
         LearnedReward.load(ckpt, actions=("action3", "action4"))
+    # The same checks without loading any model, for an RL module's __init__, naming its own field.
+    with pytest.raises(ConfigError, match="agents\\[0\\].reward.learned: the reward model was trained on model 'tiny'"):
+        check_learned(ckpt, model="smollm2-135m-instruct", field="agents[0].reward.learned")
+    hp = check_learned(ckpt, model="tiny", actions=("action1", "action2"))
+    assert hp["model"] == "tiny" and tuple(hp["actions"]) == ("action1", "action2")

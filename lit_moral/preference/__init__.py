@@ -11,7 +11,7 @@ See ``docs/preference.md``.
 
 from lit_moral.preference.dpo import DPO
 from lit_moral.preference.pairs import PairConfig, PreferencePair, label_pairs, read_pairs, write_pairs
-from lit_moral.preference.reward_model import LearnedReward, RewardModel
+from lit_moral.preference.reward_model import LearnedReward, RewardModel, check_learned, learned_rewards
 
-__all__ = ["DPO", "LearnedReward", "PairConfig", "PreferencePair", "RewardModel", "label_pairs", "read_pairs",
-           "write_pairs"]
+__all__ = ["DPO", "LearnedReward", "PairConfig", "PreferencePair", "RewardModel", "check_learned", "label_pairs",
+           "learned_rewards", "read_pairs", "write_pairs"]

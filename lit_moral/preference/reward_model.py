@@ -178,11 +178,7 @@ class LearnedReward:
                 action strings than the RL run's.
         """
         state, hp = _read_checkpoint(path, field)
-        if model is not None and model != hp["model"]:
-            raise ConfigError(f"{field}: the reward model was trained on model {hp['model']!r}, the run uses {model!r}")
-        if actions is not None and tuple(actions) != tuple(hp["actions"]):
-            raise ConfigError(f"{field}: the reward model ranks the action strings {list(hp['actions'])}, the run shows "
-                              f"{list(actions)}")
+        _check_compatible(hp, model, actions, field)
         lora = hp["lora"] if isinstance(hp["lora"], LoraSpec) else LoraSpec(**hp["lora"])
         weights = {k.removeprefix("policy."): v for k, v in state["state_dict"].items()}
         if policy is None:
@@ -240,6 +236,30 @@ def learned_rewards(learned: LearnedReward, renderer, samples) -> torch.Tensor:
     """``[N]`` the learned reward of a rollout's samples (:class:`lit_moral.rollout.AgentSamples`): the call MoralPPO
     makes per agent after ``play``, in place of the intrinsic ``samples.reward``."""
     return learned.rewards(renderer.token_ids, renderer.action_ids, samples.pid, samples.action)
+
+
+def check_learned(path: str, model: str | None = None, actions: Sequence[str] | None = None,
+                  field: str = "reward.learned") -> dict:
+    """Check a reward-model checkpoint for an RL run without loading any model (call it in the RL module's
+    ``__init__``): it exists, is a reward model's, and was trained on ``model`` with ``actions``.
+
+    Returns:
+        The reward model's hyperparameters (model, dtype, lora, game, actions, system_prompt, ...).
+
+    Raises:
+        ConfigError: naming ``field``.
+    """
+    _, hp = _read_checkpoint(path, field)
+    _check_compatible(hp, model, actions, field)
+    return hp
+
+
+def _check_compatible(hp: dict, model: str | None, actions: Sequence[str] | None, field: str) -> None:
+    if model is not None and model != hp["model"]:
+        raise ConfigError(f"{field}: the reward model was trained on model {hp['model']!r}, the run uses {model!r}")
+    if actions is not None and tuple(actions) != tuple(hp["actions"]):
+        raise ConfigError(f"{field}: the reward model ranks the action strings {list(hp['actions'])}, the run shows "
+                          f"{list(actions)}")
 
 
 def _read_checkpoint(path: str, field: str) -> tuple[dict, dict]:
