@@ -299,6 +299,17 @@ def test_training_moves_accuracy_and_margin_the_right_way_on_its_pairs(tmp_path,
         assert torch.equal(p, start[n]) != (n in trained), n
 
 
+def test_every_epoch_is_one_pass_over_the_pairs_in_an_order_fixed_by_seed_and_epoch():
+    from lit_moral.preference import DPO
+
+    m = _module(DPO, pairs={"budget": 37}, batch_size=8)
+    assert m.steps_per_epoch == 5 and len(m.train_dataloader()) == 5
+    orders = [torch.cat([m.batch_pairs(epoch, b) for b in range(5)]) for epoch in (0, 1)]
+    assert all(sorted(o.tolist()) == list(range(37)) for o in orders) and not torch.equal(*orders)
+    again = _module(DPO, pairs={"budget": 37}, batch_size=8)  # a resumed run draws the same order
+    assert torch.equal(torch.cat([again.batch_pairs(1, b) for b in range(5)]), orders[1])
+
+
 @pytest.mark.parametrize("cls,kwargs,match", [
     ("DPO", dict(beta=0), "beta: got 0"), ("DPO", dict(agents=[{"name": "agent_1"}]), "agents: DPO trains one agent"),
     ("DPO", dict(batch_size=0), "batch_size: got 0"), ("DPO", dict(action_mode="sampled"), "action_mode: unknown value"),

@@ -180,11 +180,13 @@ class PairTrainer(pl.LightningModule):
         the sorted prompt rows ``rows [U]`` (with gradient when ``values`` has one)."""
         raise NotImplementedError
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """One optimizer step on a batch of pairs: their mean loss; the batch's statistics as ``<section>/<name>/<adapter>``."""
+    def training_step(self, batch: int, batch_idx: int) -> torch.Tensor:
+        """One optimizer step on batch ``batch`` of the epoch's order (the loader's item, not the loop counter: a
+        distributed sampler gives each process its own batches): the pairs' mean loss; their statistics are logged
+        as ``<section>/<name>/<adapter>``."""
         self.policy.train()
         self.policy.activate(self.adapter)
-        idx = self.batch_pairs(self.current_epoch, batch_idx)
+        idx = self.batch_pairs(self.current_epoch, int(batch))
         rows = torch.unique(self.pair_prompt[idx])  # the batch's distinct prompts: each runs once, with both answers
         stats = self.pair_stats(idx, self.answer_values(rows.tolist()), rows)
         self.log_dict({f"{self.section}/{k}/{self.adapter}": v.detach().mean() for k, v in stats.items()}, on_step=True,
