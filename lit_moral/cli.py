@@ -220,7 +220,8 @@ def check_fingerprint(theirs: dict, model_cfg) -> None:
 
 
 # Commands beside Lightning's (fit, test): each trains its own LightningModule with ``fit``'s options.
-MODULES = {"warmup": ("lit_moral.warmup", "FormatWarmup")}
+MODULES = {"warmup": ("lit_moral.warmup", "FormatWarmup"), "dpo": ("lit_moral.preference", "DPO"),
+           "reward-model": ("lit_moral.preference", "RewardModel")}
 
 
 def _module_for(argv: list[str], run: bool = True) -> tuple[type, list[str]]:

@@ -27,7 +27,12 @@ REQUIRED_KEYS = [
 ]
 
 
-COMMANDS = {"warmup_format.yaml": "warmup"}  # configs of a command other than fit / test
+COMMANDS = {  # configs of a command other than fit / test
+    "warmup_format.yaml": "warmup",
+    "dpo_deontological.yaml": "dpo", "dpo_deontological_noisy.yaml": "dpo", "dpo_utilitarian.yaml": "dpo",
+    "dpo_game.yaml": "dpo", "dpo_game_deontological.yaml": "dpo",
+    "reward_model_deontological.yaml": "reward-model", "reward_model_utilitarian.yaml": "reward-model",
+}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).name for c in CONFIGS])
