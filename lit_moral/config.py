@@ -26,20 +26,30 @@ class AgentConfig:
         name: the agent's name, also its LoRA adapter's name: letters, digits and ``_``, starting with a letter
             (e.g. ``agent_0``); not ``base``, ``warmup``, ``llm`` nor a fixed strategy's name.
         reward: a named reward (game, deontological, utilitarian, game_deontological, ...) or a mapping
-            component -> weight, e.g. ``{game: 1.0, utilitarian: 0.5}``.
+            component -> weight, e.g. ``{game: 1.0, utilitarian: 0.5}``, or ``{learned: <reward-model checkpoint>}``
+            (``python -m lit_moral reward-model``; docs/preference.md): the reward model's score as the reward.
         train: update this agent (False keeps its adapter fixed, e.g. a frozen opponent).
         opponent: this agent's opponent under ``pairing: fixed`` (a fixed strategy or ``llm``); None: the run's
             ``opponent``.
     """
 
     name: str = "agent_0"
-    reward: str | dict[str, float] = "deontological"
+    reward: str | dict[str, float | str] = "deontological"
     train: bool = True
     opponent: str | None = None
 
 
 # Checkpoints store these config dataclasses in their hyperparameters; allow them under weights_only loading.
 torch.serialization.add_safe_globals([AgentConfig, LoraSpec, PPOConfig])
+
+
+def learned_path(reward: object) -> str | None:
+    """The reward-model checkpoint of a ``reward: {learned: <path>}`` setting (the RLHF route); None otherwise."""
+    if isinstance(reward, dict) and "learned" in reward:
+        if set(reward) != {"learned"} or not isinstance(reward["learned"], str):
+            raise ConfigError(f"reward: a learned reward is the one key 'learned' with a checkpoint path; got {reward!r}")
+        return reward["learned"]
+    return None
 
 
 def agent_configs(agents) -> list[AgentConfig]:

@@ -21,7 +21,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_moral import models
 from lit_moral import public_goods as pgg
 from lit_moral.adapters import check_adapter, read_adapter
-from lit_moral.config import AgentConfig, agent_configs, validate_agents, validate_basics, validate_lora, validate_sizes
+from lit_moral.config import (
+    AgentConfig,
+    agent_configs,
+    learned_path,
+    validate_agents,
+    validate_basics,
+    validate_lora,
+    validate_sizes,
+)
 from lit_moral.distributed import any_true, average_gradients, is_distributed, without_ddp_reducer
 from lit_moral.errors import ConfigError, check_choice
 from lit_moral.evaluation import EvalConfig
@@ -192,8 +200,18 @@ class MoralPPO(pl.LightningModule):
         self._validate()
         self.game = MatrixGame.from_spec(game, "game") if self.public_goods is None else self.public_goods.game()
         self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt, memory=memory)
-        self.rewards = {a.name: RewardSpec.parse(a.reward, xi, illegal_penalty, f"agents[{i}].reward")
+        # reward: {learned: <reward-model ckpt>} (docs/preference.md): checked now, loaded in configure_model; the
+        # intrinsic components stay logged (weights 0) and the regrets stay intrinsic.
+        self.learned_paths = {a.name: path for a in self.agent_cfgs if (path := learned_path(a.reward)) is not None}
+        for i, a in enumerate(self.agent_cfgs):
+            if a.name in self.learned_paths:
+                from lit_moral.preference.reward_model import check_learned
+
+                check_learned(self.learned_paths[a.name], model=model, actions=actions, field=f"agents[{i}].reward.learned")
+        self.rewards = {a.name: RewardSpec.parse({"game": 0.0} if a.name in self.learned_paths else a.reward, xi,
+                                                 illegal_penalty, f"agents[{i}].reward")
                         for i, a in enumerate(self.agent_cfgs)}
+        self.learned: dict = {}  # agent -> LearnedReward (configure_model)
         self.agent_names = [a.name for a in self.agent_cfgs]
         self.trained = [a.name for a in self.agent_cfgs if a.train]
         self.learners: dict[str, PPOLearner] = {a: make_learner(algorithm, self.ppo_cfg) for a in self.agent_names}
@@ -317,6 +335,12 @@ class MoralPPO(pl.LightningModule):
         if limit is not None and need > limit:
             raise ConfigError(f"model: prompts need {need} tokens but {hp.model!r} has a context of {limit}")
         self.sampler = ActionSampler(self.policy, self.renderer, hp.action_mode, hp.max_new_tokens, naive=hp.naive)
+        if self.learned_paths:
+            from lit_moral.preference.reward_model import LearnedReward
+
+            self.learned = {a: LearnedReward.load(path, self.policy, model=hp.model, actions=hp.actions,
+                                                  illegal_penalty=hp.illegal_penalty)
+                            for a, path in self.learned_paths.items()}
         if hp.pairing == "selection":
             for a in self.agent_names:
                 r = SelectionRenderer(self.tokenizer, [m for m in self.members if m != a], self.style.actions,
@@ -439,6 +463,10 @@ class MoralPPO(pl.LightningModule):
                                in picks.items()}
         self._population_metrics(played, picks)
         samples = {a: merge(parts) for a, parts in played.items()}
+        for a, learned in self.learned.items():  # the RLHF route: the reward model's score replaces the reward
+            if a in samples:
+                samples[a].reward = learned.rewards(self.renderer.token_ids, self.renderer.action_ids, samples[a].pid,
+                                                    samples[a].action)
         self.last_played = played  # agent -> samples per match, before merging
         for agent, s in samples.items():
             self.check_finite(s.reward, "reward", agent)

@@ -555,3 +555,36 @@ def test_learned_reward_refuses_bad_checkpoints_by_field(rm_run, dpo_run):
         check_learned(ckpt, model="smollm2-135m-instruct", field="agents[0].reward.learned")
     hp = check_learned(ckpt, model="tiny", actions=("action1", "action2"))
     assert hp["model"] == "tiny" and tuple(hp["actions"]) == ("action1", "action2")
+
+
+def test_rm_ppo_route_trains_on_the_reward_models_scores(rm_run, tmp_path):
+    """``reward: {learned: <ckpt>}``: fit replaces every sample's reward by the reward model's (centred) score;
+    the reward model's adapter stays frozen and out of the RL checkpoint."""
+    from lit_moral.module import AgentConfig
+    from lit_moral.preference import LearnedReward
+    from tests.helpers import tiny_module, trainer
+
+    _, run = rm_run
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    m = tiny_module(agents=[AgentConfig("agent_0", {"learned": ckpt})], episodes_per_iteration=4, rounds_per_episode=2)
+    m.configure_model()
+    rm_before = {n: p.detach().clone() for n, p in m.policy.model.named_parameters() if "reward_model" in n}
+    trainer(tmp_path).fit(m)
+    s = m.last_samples["agent_0"]
+    ref = LearnedReward.load(ckpt).rewards(m.renderer.token_ids, m.renderer.action_ids, s.pid, s.action)
+    torch.testing.assert_close(s.reward, ref)  # the learned score, not the (zero-weight) intrinsic reward
+    assert not torch.equal(s.reward, torch.zeros_like(s.reward))
+    after = dict(m.policy.model.named_parameters())
+    assert rm_before and all(torch.equal(v, after[n]) for n, v in rm_before.items())
+    assert not any("reward_model" in k for k in m.state_dict())
+
+
+def test_learned_reward_setting_is_checked_before_any_model_loads(rm_run):
+    from lit_moral.module import AgentConfig
+    from tests.helpers import tiny_module
+
+    _, run = rm_run
+    with pytest.raises(ConfigError, match=r"agents\[0\].reward.learned: '/nope.ckpt' does not exist"):
+        tiny_module(agents=[AgentConfig("agent_0", {"learned": "/nope.ckpt"})])
+    with pytest.raises(ConfigError, match="one key 'learned'"):
+        tiny_module(agents=[AgentConfig("agent_0", {"learned": str(run), "game": 1.0})])
