@@ -1,6 +1,7 @@
 """``python -m lit_moral <command>`` (and the ``lit-moral`` console script).
 
     fit, test, warmup   LightningCLI commands (lit_moral.cli): train, evaluate a checkpoint, the format warm-up
+    dpo, reward-model   preference training on labelled pairs (lit_moral.preference), through lit_moral.cli too
     evaluate            several checkpoints of one run together, CIs over runs (lit_moral.evaluate_runs)
     play                play against a trained agent in a terminal (lit_moral.play)
 """

@@ -11,7 +11,7 @@ import time
 import typing
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_moral.checkpoint_io import AtomicCheckpointIO
@@ -57,6 +57,13 @@ def unknown_key_message(message: str, keys: list[str]) -> str | None:
             tail = f"did you mean {hint[0]!r}?" if hint else "run with --help for the accepted keys"
             return f"unknown key {key!r}; {tail}"
     return None
+
+
+class LitMoralHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the epilog (the list of commands) kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return text if text == COMMANDS else super()._fill_text(text, width, indent)
 
 
 class LitMoralParser(LightningArgumentParser):
@@ -234,11 +241,22 @@ def _module_for(argv: list[str], run: bool = True) -> tuple[type, list[str]]:
     return MoralPPO, argv
 
 
+COMMANDS = """commands (python -m lit_moral <command> --help for each):
+  fit            train agents with PPO or a critic-free learner (MoralPPO)
+  test           evaluate a checkpoint: games x prompt variants x opponents, beside the base model
+  warmup         the supervised format warm-up for free generation
+  dpo            DPO on moral preference pairs
+  reward-model   a Bradley-Terry reward model on the pairs (then fit with reward: {learned: <ckpt>})
+  evaluate       several checkpoints of one condition together, CIs over runs
+  play           play against a trained agent in the terminal"""
+
+
 def _parser_kwargs(module: type) -> dict:
     """Short usage lines and descriptions: the experiment's own settings are the ``--model.*`` group."""
     what = (module.__doc__ or "").strip().splitlines()[0]
     usage = "python -m lit_moral {} --config CONFIG [--model.<field> VALUE] [--trainer.<field> VALUE] ..."
     return {"description": "lit_moral: moral alignment of LLM agents with reinforcement learning.",
+            "epilog": COMMANDS, "formatter_class": LitMoralHelpFormatter,
             "fit": {"usage": usage.format("warmup" if module is not MoralPPO else "fit"),
                     "description": f"Train: {what} Settings: --model.* (the experiment), then --trainer.*."},
             "test": {"usage": usage.format("test").replace("--config CONFIG", "--config CONFIG --ckpt_path CKPT"),

@@ -387,3 +387,18 @@ def test_memory_histories_in_play(tiny):
             if t >= 2:
                 assert h[-2] == (int(rounds[t - 2, g]), int(other[t - 2, g]))
         assert torch.equal(other[t], rounds[t - 1])  # TFT copies the newest move
+
+
+def test_every_reward_type_has_a_persona_baseline():
+    """The evaluation's persona baselines cover every named value of the reward library, each rendered as the
+    prompt's opening (the base model told the value in words)."""
+    from lit_moral.evaluation import EvalConfig
+    from lit_moral.games import MatrixGame
+    from lit_moral.prompts import PERSONAS, PromptStyle, render_text
+    from lit_moral.rewards import COMPONENTS
+
+    assert set(PERSONAS) == set(COMPONENTS)
+    game = MatrixGame.from_spec("IPD")
+    texts = {name: render_text(game, PromptStyle(persona=name), 0, 0, 0, 0) for name in PERSONAS}
+    assert all(t.startswith(PERSONAS[n]) for n, t in texts.items()) and len(set(texts.values())) == len(PERSONAS)
+    EvalConfig(personas=list(PERSONAS))  # every one is accepted by the evaluation's settings

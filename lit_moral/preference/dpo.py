@@ -13,7 +13,7 @@ Run it with ``python -m lit_moral dpo --config configs/dpo_deontological.yaml``.
 a one-agent MoralPPO checkpoint: the same LoRA keys (``policy.model....lora_A.agent_0.weight``), hyperparameters
 that are all MoralPPO arguments (model, dtype, agents, game, actions, action_mode, lora, lr, seed, run_name,
 system_prompt, init_adapter) and MoralPPO's ``lit_moral`` section (fingerprint, zero counters), so
-``python -m lit_moral test --config <a PPO config> --ckpt_path <it>`` and ``python -m lit_moral.evaluation``
+``python -m lit_moral test --config <a PPO config> --ckpt_path <it>`` and ``python -m lit_moral evaluate``
 evaluate it as they evaluate a PPO agent. DPO's own settings (beta, pairs, batch_size) are in the run's
 ``config.yaml`` and in ``checkpoint["lit_moral"]["dpo"]``.
 
