@@ -643,7 +643,7 @@ class MoralPPO(pl.LightningModule):
         # The config is authoritative: its reward and opponent stay (a RewardSchedule / OpponentSchedule
         # re-applies the entry of the restored episode before the next iteration).
         self.episode, self.iteration = int(state["episode"]), int(state["iteration"])
-        for a, learner_state in state["learners"].items():
+        for a, learner_state in state.get("learners", {}).items():  # none in a DPO checkpoint: fresh state
             self.learners[a].load_state_dict(learner_state)
         for a, learner_state in state.get("selection_learners", {}).items():
             if a in self.selection_learners:

@@ -179,7 +179,7 @@ class DPO(PairTrainer):
     def checkpoint_section(self) -> dict:
         cfg = asdict(self.pair_cfg)
         return {**super().checkpoint_section(), "fingerprint": self.fingerprint(), "episode": 0, "iteration": 0,
-                "opponent": None, "kl": {}, "moments": {}, "rng": [],
+                "opponent": None, "learners": {}, "rng": [],
                 "dpo": {"beta": self.beta, "batch_size": self.batch_size, "pairs": cfg}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
