@@ -54,10 +54,10 @@ def _step_outputs(policy: Policy, h: torch.Tensor, adapters: list[str]) -> tuple
 def _assemble(steps: list[tuple], n: int) -> Generated:
     """Per-row sequences from per-step ``(row ids, tokens, logp, values, entropy)`` of the rows alive then."""
     tok, lp, val, ent = ([[] for _ in range(n)] for _ in range(4))
-    for rows, t, l, v, e in steps:
+    for rows, t, lps, v, e in steps:
         for k, r in enumerate(rows):
             tok[r].append(int(t[k]))
-            lp[r].append(l[k])
+            lp[r].append(lps[k])
             val[r].append(v[k])
             ent[r].append(e[k])
     stack = lambda xs: [torch.stack(x).cpu() for x in xs]  # noqa: E731

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from lit_moral.generate import generate, reference_logprobs
 from lit_moral.games import ILLEGAL, MatrixGame, effective_action, lookup, next_prev, random_moves
+from lit_moral.generate import generate, reference_logprobs
 from lit_moral.opponents import Opponent
 from lit_moral.padding import pad_rows, pad_steps
 from lit_moral.policy import BASE, Policy
