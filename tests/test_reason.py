@@ -9,7 +9,6 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import scalars, tiny_module, trainer
 
 from lit_moral.errors import ConfigError
 from lit_moral.evaluation import EvalConfig, evaluate, finish, report_meta
@@ -19,6 +18,7 @@ from lit_moral.policy import BASE, LoraSpec, Policy
 from lit_moral.prompts import PromptRenderer, PromptStyle
 from lit_moral.reason import answer_stats, mentions_previous_move, parse_reasoned, uses_moral_vocabulary
 from lit_moral.rollout import ActionSampler
+from tests.helpers import scalars, tiny_module, trainer
 
 A = ("action1", "action2")
 
