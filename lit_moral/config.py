@@ -107,5 +107,17 @@ def validate_lora(lora: LoraSpec) -> None:
 def validate_basics(model: str, dtype: str, mode: str, actions) -> None:
     models.validate_model_spec(model)
     check_choice("dtype", dtype, models.DTYPES)
-    check_choice("action_mode", mode, ("constrained", "free"))
+    check_choice("action_mode", mode, ("constrained", "free", "reason"))
     validate_actions(actions)
+
+
+def validate_sampling(mode: str, temperature, top_p) -> None:
+    """Reason mode: ``temperature`` > 0 and ``top_p`` in (0, 1]; the other modes keep the paper's sampling (both 1)."""
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{name}: got {v!r}; must be a number > 0")
+        if mode != "reason" and v != 1:
+            raise ConfigError(f"{name}: got {v!r}; it applies to action_mode reason only (the other modes sample "
+                              "at temperature 1 with the full distribution): leave it at 1 or use action_mode: reason")
+    if top_p > 1:
+        raise ConfigError(f"top_p: got {top_p!r}; must be in (0, 1]")

@@ -33,6 +33,7 @@ from lit_moral.games import ACTION_NAMES, GAME_NAMES, ILLEGAL, MatrixGame
 from lit_moral.opponents import LLM_OPPONENT, OPPONENTS, make_opponent
 from lit_moral.policy import BASE
 from lit_moral.prompts import PERSONAS, PromptRenderer, PromptStyle
+from lit_moral.reason import ILLEGAL_KINDS, mentions_previous_move, parse_reasoned, uses_moral_vocabulary
 from lit_moral.rewards import deontological_regret, utilitarian_regret
 from lit_moral.rollout import ActionSampler, Match, play
 from lit_moral.seeding import Streams, derive_seed
@@ -145,6 +146,10 @@ class _EvalSampler(ActionSampler):
 WARMUP_LABEL = "warmup"
 
 
+def _top_p(module) -> float:
+    return float(getattr(module.hparams, "top_p", 1.0))
+
+
 def models_of(module, cfg: EvalConfig) -> list[tuple[str, str, str]]:
     """``(label, player, persona)``: every agent, the starting adapter (``warmup``) of a run that has one, then the
     base model and its persona baselines."""
@@ -182,7 +187,7 @@ def style_for(module, cfg: EvalConfig, variant: str, persona: str = "") -> Promp
     actions = tuple(module.style.actions) if tokens == "training" else tuple(cfg.eval_actions)
     return PromptStyle(actions=actions, table_order=order, use_chat_template=module.style.use_chat_template,
                        kind=kind, persona=persona, system_prompt=module.style.system_prompt,
-                       memory=module.style.memory)
+                       memory=module.style.memory, answer=module.style.answer)
 
 
 @torch.no_grad()
@@ -216,7 +221,7 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
                     # Prompts without a payoff table are the same in every game: run them once per run.
                     sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
                         policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
-                        with_reference=False))
+                        with_reference=False, top_p=_top_p(module)))
                     sampler.warm(sorted({p for _, p in models} | ({*module.agent_names} if not persona else set())))
                     for label, player in models:
                         for opp in opponents_of(module, cfg, player, persona):
@@ -250,7 +255,7 @@ def _public_goods_cells(module, cfg: EvalConfig, game: pgg.PublicGoodsGame, samp
             renderer = pgg.PublicGoodsRenderer(module.tokenizer, game, style_for(module, cfg, variant, persona))
             sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
                 module.policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
-                with_reference=False))
+                with_reference=False, top_p=_top_p(module)))
             sampler.warm(sorted({p for _, p in models}), len(renderer.token_ids))
             for label, player in models:
                 for opp in [o for o in opponents_of(module, cfg, player, persona) if o in pgg.EVAL_CONTRIBUTORS]:
@@ -313,12 +318,23 @@ def round_rows(s, game: MatrixGame, spec, xi: float, renderer: PromptRenderer, f
         if resp not in decoded:
             decoded[resp] = renderer.tokenizer.decode(list(resp), skip_special_tokens=True).strip()
         row = {**fixed, **{k: v[i] for k, v in cols.items()}, "answer": decoded[resp]}
+        if renderer.style.answer == "reason":
+            row.update(reason_columns(decoded[resp], renderer.style.actions, int(s.prev_other[i])))
         for k in ("prev_me", "prev_other", "action", "other_action"):
             row[k] = ACTION_NAMES[row[k]]
         row["legal"] = int(row["legal"])
         row["payoff_me"] = row["payoff_me"] if row["legal"] else ""
         rows.append(row)
     return rows
+
+
+def reason_columns(answer: str, actions: Sequence[str], prev_other: int) -> dict:
+    """The reason-mode columns of one ``rounds.csv`` row: ``answer_kind`` (legal or the illegal category), its
+    ``illegal_<kind>`` indicators, ``mentions_prev_move`` and ``moral_vocab`` (0/1)."""
+    kind = parse_reasoned(answer, actions)[1]
+    return {"answer_kind": kind, **{f"illegal_{k}": int(kind == k) for k in ILLEGAL_KINDS},
+            "mentions_prev_move": int(mentions_previous_move(answer, actions, prev_other)),
+            "moral_vocab": int(uses_moral_vocabulary(answer))}
 
 
 def report_meta(module, cfg: EvalConfig, runs: int, checkpoints: Sequence[str] = ()) -> dict:

@@ -28,6 +28,7 @@ from lit_moral.config import (
     validate_agents,
     validate_basics,
     validate_lora,
+    validate_sampling,
     validate_sizes,
 )
 from lit_moral.distributed import any_true, average_gradients, is_distributed, without_ddp_reducer
@@ -51,6 +52,7 @@ from lit_moral.policy import LoraSpec, Policy
 from lit_moral.ppo import PPOConfig
 from lit_moral.prompts import PromptRenderer, PromptStyle
 from lit_moral.public_goods import PublicGoodsConfig
+from lit_moral.reason import answer_stats
 from lit_moral.rewards import RewardSpec
 from lit_moral.rollout import ActionSampler, AgentSamples, Match, merge, play
 from lit_moral.seeding import Streams, generator, opponent_seed
@@ -114,9 +116,13 @@ class MoralPPO(pl.LightningModule):
         rounds_per_episode: rounds per game (paper: 5 vs fixed strategies, 3 for two learners).
         episodes_per_iteration: games played in parallel per PPO iteration, per match (the paper: 1).
         iterations_per_epoch: PPO iterations per Lightning epoch (bound runs with ``trainer.max_epochs``).
-        action_mode: ``constrained`` (choose among the legal strings) or ``free`` (generate, exact-match).
+        action_mode: ``constrained`` (choose among the legal strings), ``free`` (generate, exact-match) or
+            ``reason`` (brief reasoning, then a final line ``Action: <label>``, parsed strictly; docs/reason.md).
         actions: the two action strings, C first.
-        max_new_tokens: tokens generated in free mode (paper: 2).
+        max_new_tokens: tokens generated in free mode (paper: 2) and reason mode (e.g. 64-256).
+        temperature: reason mode only: sampling temperature (log-probs of rollout and update are the tempered
+            policy's); the other modes keep the paper's sampling at 1.
+        top_p: reason mode only: nucleus sampling mass (1 = off); the update's log-probs are untruncated.
         xi: deontological penalty (paper: 3).
         illegal_penalty: reward for an illegal answer (paper: -6).
         lora: LoRA settings.
@@ -165,9 +171,11 @@ class MoralPPO(pl.LightningModule):
         rounds_per_episode: int = 5,
         episodes_per_iteration: int = 64,
         iterations_per_epoch: int = 10,
-        action_mode: Literal["constrained", "free"] = "constrained",
+        action_mode: Literal["constrained", "free", "reason"] = "constrained",
         actions: tuple[str, str] = ("action1", "action2"),
         max_new_tokens: int = 2,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
         xi: float = 3.0,
         illegal_penalty: float = -6.0,
         lora: LoraSpec = LoraSpec(),  # noqa: B008 - frozen: safe, and jsonargparse documents its fields
@@ -199,7 +207,8 @@ class MoralPPO(pl.LightningModule):
         self.public_goods = pgg.public_goods_config(public_goods)
         self._validate()
         self.game = MatrixGame.from_spec(game, "game") if self.public_goods is None else self.public_goods.game()
-        self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt, memory=memory)
+        self.style = PromptStyle(actions=tuple(actions), system_prompt=system_prompt, memory=memory,
+                                 answer="reason" if action_mode == "reason" else "direct")
         # reward: {learned: <reward-model ckpt>} (docs/preference.md): checked now, loaded in configure_model; the
         # intrinsic components stay logged (weights 0) and the regrets stay intrinsic.
         self.learned_paths = {a.name: path for a in self.agent_cfgs if (path := learned_path(a.reward)) is not None}
@@ -255,6 +264,7 @@ class MoralPPO(pl.LightningModule):
                        iterations_per_epoch=hp.iterations_per_epoch, max_new_tokens=hp.max_new_tokens, lr=hp.lr,
                        prefix_levels=hp.prefix_levels)
         validate_lora(self.lora)
+        validate_sampling(hp.action_mode, hp.temperature, hp.top_p)
         if hp.pairing == "fixed":
             fixed_pairs(self.agent_names_of_cfg(), self._opponent_names(hp.opponent))  # llm agents pair up evenly
         if hp.init_adapter is not None:
@@ -334,7 +344,9 @@ class MoralPPO(pl.LightningModule):
         need = self.renderer.max_prompt_len + hp.max_new_tokens
         if limit is not None and need > limit:
             raise ConfigError(f"model: prompts need {need} tokens but {hp.model!r} has a context of {limit}")
-        self.sampler = ActionSampler(self.policy, self.renderer, hp.action_mode, hp.max_new_tokens, naive=hp.naive)
+        self.policy.temperature = float(hp.temperature)
+        self.sampler = ActionSampler(self.policy, self.renderer, hp.action_mode, hp.max_new_tokens, naive=hp.naive,
+                                     top_p=float(hp.top_p))
         if self.learned_paths:
             from lit_moral.preference.reward_model import LearnedReward
 
@@ -570,6 +582,11 @@ class MoralPPO(pl.LightningModule):
                 logs[f"reward/{k}/{agent}"] = v.float().mean().item()
             if self.hparams.action_mode == "constrained":
                 logs[f"game/format_mass/{agent}"] = s.format_mass.mean().item()
+            if self.hparams.action_mode == "reason":
+                texts = [self.tokenizer.decode(list(r), skip_special_tokens=True) for r in s.responses]
+                stats = answer_stats(texts, self.style.actions, s.prev_other.tolist())
+                logs.update({f"reason/{k}/{agent}": v for k, v in stats.items()})
+                logs[f"reason/response_tokens/{agent}"] = s.mask.sum(1).float().mean().item()
         logs.update(self._population_logs(samples))
         logs["step"] = float(self.episode)  # TensorBoard's x-axis is episodes, as in the paper
         self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=True)

@@ -114,6 +114,9 @@ class Policy(nn.Module):
         hidden = model.config.get_text_config().hidden_size
         self.value_heads = nn.ModuleDict({a: ValueHead(hidden, value_dropout) for a in self.agents})
         self.prefix_levels = prefix_levels
+        # Divides every logit (the sampling temperature of action_mode reason; 1 elsewhere): rollout and update
+        # log-probs are those of the tempered distribution, as TRL's PPO computes them.
+        self.temperature = 1.0
         # Set by gradient checkpointing: update forwards run whole sequences (see _forward_flat).
         self.flat_when_training = False
         self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
@@ -177,7 +180,19 @@ class Policy(nn.Module):
         logits = self.lm_head(h).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+    def extend(self, tokens: list[list[int]], adapters: list[str], cache: DynamicCache | None = None,
+               past_mask: torch.Tensor | None = None, past_len: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run right-padded rows of ``tokens`` (row i under ``adapters[i]``) on top of ``cache`` (rows already
+        selected to these rows) through the whole decoder.
+
+        Returns:
+            ``(hidden [B, T, H], cache, key mask [B, K], lengths so far [B])``; pass the last three back to extend
+            the same rows (cache-based generation, :mod:`lit_moral.generate`).
+        """
+        return self._run_level(tokens, adapters, cache, past_mask, past_len)
 
     def _run_level(self, tokens: list[list[int]], adapters: list[str], cache: DynamicCache | None,
                    past_mask: torch.Tensor | None, past_len: torch.Tensor | None, embeds: list | None = None,
@@ -454,10 +469,11 @@ class Policy(nn.Module):
         if adapter == BASE:
             with self.model.disable_adapter():
                 out = self.model(input_ids=ids, output_hidden_states=True)
-            return torch.log_softmax(out.logits[0].float(), -1), torch.zeros(ids.shape[1])
+            return torch.log_softmax(out.logits[0].float() / self.temperature, -1), torch.zeros(ids.shape[1])
         self.activate(adapter)
         out = self.model(input_ids=ids, output_hidden_states=True)
-        return torch.log_softmax(out.logits[0].float(), -1), self.value_heads[adapter](out.hidden_states[-1][0])
+        return (torch.log_softmax(out.logits[0].float() / self.temperature, -1),
+                self.value_heads[adapter](out.hidden_states[-1][0]))
 
     def _score_naive(self, agent, prompt_table, pid, candidates, choice, responses) -> dict[str, torch.Tensor]:
         """The obvious path: per-sample full forwards, full-vocabulary logits at every position."""
@@ -471,7 +487,7 @@ class Policy(nn.Module):
             for seq in seqs:
                 ids = torch.tensor([prompt + seq], device=device)
                 out = self.model(input_ids=ids, output_hidden_states=True)
-                logits = out.logits[0].float()
+                logits = out.logits[0].float() / self.temperature
                 lp_all = torch.log_softmax(logits[len(prompt) - 1: len(prompt) + len(seq) - 1], -1)
                 logps.append(lp_all.gather(-1, torch.tensor(seq, device=device)[:, None]).squeeze(-1))
                 ents.append(-(lp_all.exp() * lp_all).sum(-1))

@@ -27,7 +27,7 @@ import torch
 from lit_moral.errors import ConfigError, check_choice
 from lit_moral.games import ILLEGAL, C, D, effective_action, next_prev, random_moves
 from lit_moral.metrics import ActionTypes, ConditionalContribution, CooperationRate, IllegalRate, PublicGoodsRegret
-from lit_moral.prompts import PERSONAS, PromptRenderer, PromptStyle, _inserts_default_system, options
+from lit_moral.prompts import PERSONAS, PromptRenderer, PromptStyle, _inserts_default_system, answer_lines, options
 from lit_moral.rewards import BETA, XI, RewardSpec, _equality, _weighted
 from lit_moral.rollout import ActionSampler, AgentSamples, _collect
 from lit_moral.seeding import Streams, derive_seed
@@ -497,8 +497,7 @@ def render_text(game: PublicGoodsGame, style: PromptStyle, prev_me: int, k_prev:
         f"You have played with these agents before. In the last round you chose {a[prev_me]} and {k_prev} of the "
         f"{agents} chose {a[C]}, so you got {mine:g} points and the other agents got {theirs:g} points in total.",
         "Which action gets you the highest possible score in points?",
-        f"Answer with exactly one of {fmt_opts[0]} or {fmt_opts[1]} and nothing else. Do not explain.",
-        "Your answer:",
+        *answer_lines(style, fmt_opts),
     ])
     return f"{PERSONAS[style.persona]}\n{text}" if style.persona else text
 

@@ -25,13 +25,16 @@ TYPE_KEYS = ACTION_TYPES
 # Metrics read from a column of rounds.csv (the rest derive from ``action`` and ``prev_other``): a summary
 # leaves out the ones whose column the rows do not have.
 COLUMN_METRICS = ("regret_deontological", "regret_utilitarian", "reward")
-METRICS = (*TYPE_KEYS, "cooperation", "defection", "illegal", *COLUMN_METRICS)
+# Reason mode only (action_mode: reason): the illegal categories and the reasoning measures, 0/1 per round.
+REASON_METRICS = ("illegal_no_action", "illegal_unknown_label", "illegal_multiple_actions", "mentions_prev_move",
+                  "moral_vocab")
+METRICS = (*TYPE_KEYS, "cooperation", "defection", "illegal", *COLUMN_METRICS, *REASON_METRICS)
 CELL = ("model", "game", "variant", "opponent")
 REQUIRED = ("run", "episode", *CELL, "action", "prev_other")
 ROUND_COLUMNS = ("run", "seed", "model", "game", "variant", "opponent", "episode", "round", "prev_me",
                  "prev_other", "action", "other_action", "legal", "answer", "payoff_me", "payoff_other", "reward",
                  "reward_xi", *(f"reward_{c}" for c in COMPONENTS), "reward_illegal",
-                 "xi", "illegal_penalty", "regret_deontological", "regret_utilitarian")
+                 "xi", "illegal_penalty", "regret_deontological", "regret_utilitarian", "answer_kind", *REASON_METRICS)
 _MOVES = {"action": ACTION_NAMES, "prev_other": ACTION_NAMES[:2], "prev_me": ACTION_NAMES[:2],
           "other_action": ACTION_NAMES[:2]}
 PLOT_FILES = ("action_types.png", "regret.png", "variants.png")
@@ -56,7 +59,7 @@ def round_metrics(row: dict) -> dict[str, float]:
     out["cooperation"] = float(row["action"] == "C")
     out["defection"] = float(row["action"] == "D")
     out["illegal"] = float(row["action"] == "illegal")
-    for k in COLUMN_METRICS:
+    for k in (*COLUMN_METRICS, *REASON_METRICS):
         if row.get(k) not in (None, ""):
             out[k] = float(row[k])
     return out

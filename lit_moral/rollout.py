@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from lit_moral.games import ILLEGAL, MatrixGame, effective_action, lookup, next_prev, random_moves
+from lit_moral.generate import generate, reference_logprobs
 from lit_moral.opponents import Opponent
 from lit_moral.padding import pad_rows, pad_steps
 from lit_moral.policy import BASE, Policy
@@ -103,9 +104,11 @@ class ActionSampler:
     Args:
         policy: the Policy (in eval mode during rollouts).
         renderer: prompt tokens by prompt id.
-        mode: ``constrained`` (choose among the legal strings by whole-string probability) or ``free``
-            (sample up to ``max_new_tokens`` tokens at temperature 1, then exact-match).
-        max_new_tokens: free-mode generation length.
+        mode: ``constrained`` (choose among the legal strings by whole-string probability), ``free``
+            (sample up to ``max_new_tokens`` tokens at temperature 1, then exact-match) or ``reason`` (sample up
+            to ``max_new_tokens`` tokens with the KV-cached generator of :mod:`lit_moral.generate`, at the
+            policy's temperature and ``top_p``, then parse strictly: :mod:`lit_moral.reason`).
+        max_new_tokens: free/reason-mode generation length.
         with_reference: also compute the reference (adapter-disabled) log-probs.
         naive: the obvious path, for benchmarks: every sample on its own, one full forward per
             sequence with full-vocabulary logits, nothing shared or memoised.
@@ -117,6 +120,7 @@ class ActionSampler:
     max_new_tokens: int = 2
     with_reference: bool = True
     naive: bool = False
+    top_p: float = 1.0
     _memo: dict = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -126,7 +130,7 @@ class ActionSampler:
     def _resolve(self, keys: Sequence[tuple[str, int, tuple[int, ...]]]) -> None:
         """Compute missing memo entries ``(adapter, pid, prefix)`` in one mixed-adapter forward."""
         missing = sorted({k for k in keys if k not in self._memo})
-        if not missing:
+        if not missing or self.mode == "reason":  # reason mode generates without the memo
             return
         table = self.renderer.token_ids
         if self.naive:
@@ -161,6 +165,8 @@ class ActionSampler:
             requests: ``(agent, pid [n])`` per LLM player.
             generator: the sampling stream.
         """
+        if self.mode == "reason":
+            return self._reason(requests, generator)
         adapters = lambda a: [a, BASE] if self.with_reference else [a]  # noqa: E731
         if self.naive:
             out = []
@@ -199,6 +205,24 @@ class ActionSampler:
         cands = self.renderer.action_ids
         return _Moves(choice.clone(), choice, [tuple(cands[c]) for c in choice.tolist()], list(logp),
                       list(ref_logp), list(val[:, None]), list(ent), mass)
+
+    def _reason(self, requests, generator) -> list[_Moves]:
+        """Reason mode: every request's rows in one KV-cached generation (the naive sampler: without the cache),
+        the reference log-probs after it in one teacher-forced pass, then the strict parse."""
+        table = self.renderer.token_ids
+        rows = [(a, table[p]) for a, pid in requests for p in pid.tolist()]
+        g = generate(self.policy, rows, self.max_new_tokens, self.renderer.tokenizer.eos_token_id, generator,
+                     top_p=self.top_p, cached=not self.naive)
+        ref = reference_logprobs(self.policy, [t for _, t in rows], g.tokens) if self.with_reference else g.logp
+        moves, k = [], 0
+        for _, pid in requests:
+            part = slice(k, k + pid.shape[0])
+            k += pid.shape[0]
+            action = torch.tensor([self.renderer.parse(r) for r in g.tokens[part]], dtype=torch.long)
+            moves.append(_Moves(action, torch.full_like(action, -1), [tuple(r) for r in g.tokens[part]],
+                                g.logp[part], ref[part], g.values[part], g.entropy[part],
+                                torch.full((pid.shape[0],), float("nan"))))
+        return moves
 
     def _generate(self, requests, adapters, generator) -> list[_Moves]:
         eos = self.renderer.tokenizer.eos_token_id
