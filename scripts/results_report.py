@@ -208,8 +208,13 @@ def findings_table(runs: dict, regime: str) -> str:
         "share of C\\|C at the end (>= 0.4; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
     add("Unlearning vs LLM: later, partial recovery", "unlearning_deontological_vs_llm",
         "share of C\\|C at the end (Deontological; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
-    add("Illegal answers vanish within a few dozen episodes", "game", "illegal share at the end (<= 0.02; partly <= 0.1)",
-        lambda rs, a: _share(rs, a, ["illegal"]), 0.02, 0.1, higher=False)
+    if regime == "constrained":  # the choice is between the two legal strings: nothing to vanish
+        rows.append("| Illegal answers vanish within a few dozen episodes | illegal share | not applicable: constrained "
+                    "choice cannot answer illegally | not tested |")
+    else:
+        add("Illegal answers vanish within a few dozen episodes", "game",
+            "illegal share at the end (<= 0.02; partly <= 0.1)", lambda rs, a: _share(rs, a, ["illegal"]), 0.02, 0.1,
+            higher=False)
     header = ["| paper's finding (protocol section 8) | criterion | here (mean ± 95% CI over runs) | verdict |",
               "|---|---|---|---|"]
     return "\n".join(header + rows)
