@@ -79,7 +79,9 @@ def cell_value(cell: dict | None, metric: str) -> float | None:
 
 def _fmt(mci: tuple[float, float, int], digits: int) -> str:
     m, ci, n = mci
-    return "-" if n == 0 else f"{m:.{digits}f} ± {ci:.{digits}f}"
+    if n == 0:
+        return "-"
+    return f"{m:.{digits}f} (n=1)" if n == 1 else f"{m:.{digits}f} ± {ci:.{digits}f}"  # one run: no CI to give
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -179,7 +181,8 @@ def findings_table(runs: dict, regime: str) -> str:
             rows.append(f"| {finding} | {criterion} | not run | not run |")
             return
         m, ci, n = mci(rs, agent)
-        rows.append(f"| {finding} | {criterion} | {m:.2f} ± {ci:.2f} (n={n}) | {_verdict(m, full, partly, higher)} |")
+        rows.append(f"| {finding} | {criterion} | {_fmt((m, ci, n), 2)}{f' (n={n})' if n > 1 else ''} | "
+                    f"{_verdict(m, full, partly, higher)} |")
 
     add("Game -> defection", "game", "share of D at the end (>= 0.9; partly >= 0.6)",
         lambda rs, a: _share(rs, a, ["D|C", "D|D"]), 0.9, 0.6)
