@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lit_moral import models
 from lit_moral.adapters import check_adapter
+from lit_moral.config import validate_lora
 from lit_moral.errors import ConfigError, check_choice, check_positive
 from lit_moral.games import MatrixGame
 from lit_moral.policy import LoraSpec, Policy
@@ -30,16 +31,6 @@ from lit_moral.seeding import generator
 
 # Checkpoints store the pair settings in their hyperparameters; allow them under weights_only loading.
 torch.serialization.add_safe_globals([PairConfig, LoraSpec])
-
-
-def validate_lora(lora: LoraSpec) -> None:
-    """LoRA sizes are whole numbers > 0 and dropout a probability (as MoralPPO checks), before any model loads."""
-    for name in ("r", "alpha"):
-        v = getattr(lora, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"lora.{name}: got {v!r}; must be a whole number > 0")
-    if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
-        raise ConfigError(f"lora.dropout: got {lora.dropout!r}; must be a number in [0, 1)")
 
 
 class PairTrainer(pl.LightningModule):
