@@ -117,13 +117,25 @@ class EvalConfig:
                 else:
                     check_choice(f"evaluation.{name}", v, (*allowed, "PGG<N>[_r<r>][_e<E>]") if name == "games"
                                  else allowed)
-        if self.report_variant is None:
-            self.report_variant = "new_tokens" if "new_tokens" in self.variants else self.variants[0]
-        if self.report_opponent is None:
-            self.report_opponent = "random" if "random" in self.opponents else self.opponents[0]
-        check_choice("evaluation.report_variant", self.report_variant, self.variants)
-        check_choice("evaluation.report_opponent", self.report_opponent, self.opponents)
+        # None stays None (resolved by shown_variant / shown_opponent): a saved config then still follows a
+        # later override of variants or opponents (e.g. `test --model.evaluation.variants [training_tokens]`).
+        check_choice("evaluation.report_variant", self.shown_variant, self.variants)
+        check_choice("evaluation.report_opponent", self.shown_opponent, self.opponents)
         PromptStyle(actions=tuple(self.eval_actions))
+
+    @property
+    def shown_variant(self) -> str:
+        """The variant of the Figure-4 tables and plots: ``report_variant``, else new_tokens if evaluated."""
+        if self.report_variant is not None:
+            return self.report_variant
+        return "new_tokens" if "new_tokens" in self.variants else self.variants[0]
+
+    @property
+    def shown_opponent(self) -> str:
+        """The opponent of the Figure-4 tables and plots: ``report_opponent``, else random if evaluated."""
+        if self.report_opponent is not None:
+            return self.report_opponent
+        return "random" if "random" in self.opponents else self.opponents[0]
 
 
 torch.serialization.add_safe_globals([EvalConfig])
@@ -342,8 +354,8 @@ def report_meta(module, cfg: EvalConfig, runs: int, checkpoints: Sequence[str] =
     opps = list(dict.fromkeys(o for label, player, persona in models_of(module, cfg)
                               for o in opponents_of(module, cfg, player, persona)))
     return {"models": [m for m, _, _ in models_of(module, cfg)], "games": list(cfg.games),
-            "variants": list(cfg.variants), "opponents": opps, "report_variant": cfg.report_variant,
-            "report_opponent": cfg.report_opponent, "runs": runs, "episodes": cfg.episodes, "rounds": cfg.rounds,
+            "variants": list(cfg.variants), "opponents": opps, "report_variant": cfg.shown_variant,
+            "report_opponent": cfg.shown_opponent, "runs": runs, "episodes": cfg.episodes, "rounds": cfg.rounds,
             "seed": cfg.seed, "xi": float(module.hparams.xi if cfg.xi is None else cfg.xi),
             "checkpoints": [str(c) for c in checkpoints], "config": asdict(cfg)}
 

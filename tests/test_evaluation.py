@@ -387,3 +387,19 @@ def test_nine_models_get_nine_distinct_colours():
                                       report_opponent="random"))
     bars = [p.get_facecolor() for p in fig.axes[0].patches]
     assert len(bars) == 9 and len(set(bars)) == 9
+
+
+def test_report_variant_default_follows_later_overrides():
+    """A saved EvalConfig keeps report_variant/report_opponent unset, so overriding variants or opponents later
+    (``test --model.evaluation.variants [training_tokens]`` on a run saved with the defaults) is not refused."""
+    import dataclasses
+
+    from lit_moral.evaluation import EvalConfig
+
+    cfg = EvalConfig()
+    assert (cfg.report_variant, cfg.report_opponent) == (None, None)
+    assert (cfg.shown_variant, cfg.shown_opponent) == ("new_tokens", "random")
+    later = dataclasses.replace(cfg, variants=["training_tokens"], opponents=["tft"])
+    assert (later.shown_variant, later.shown_opponent) == ("training_tokens", "tft")
+    with pytest.raises(ConfigError, match="evaluation.report_variant"):
+        EvalConfig(variants=["training_tokens"], report_variant="new_tokens")
