@@ -24,6 +24,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -62,7 +63,9 @@ def run(args, naive: bool) -> dict:
     m = build(args, naive)
     timer = _Timer()
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
+    # A temporary root: a SIGTERM (e.g. a timeout) makes PreemptionCheckpoint save and export there, not into the cwd.
     trainer = pl.Trainer(max_epochs=1, accelerator=accel, devices=1, logger=False, enable_checkpointing=False,
+                         default_root_dir=tempfile.mkdtemp(prefix="lit_moral_bench_"),
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                          precision=args.precision or ("bf16-mixed" if accel == "gpu" and args.dtype == "float32" else None))
     if args.device.startswith("cuda"):
