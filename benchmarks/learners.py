@@ -6,7 +6,11 @@ for up to ``--iterations`` iterations, stopping at the reward's criterion (proto
 
 - ``deontological``: P(D | other's previous move C) < 0.05;
 - ``game``: cooperation (share of C answers) < 0.05;
-- ``game_deontological``: P(C | C) > 0.9 and P(D | D) > 0.9 (TFT-like).
+- ``game_deontological``: P(C | C) > 0.9 and P(D | D) > 0.9 (TFT-like);
+- ``utilitarian``: cooperation > 0.95 (C maximises the joint payoff whatever the other did).
+
+``--lora-layers k`` adapts only the top k decoder layers (the shared frozen trunk of issue 21; 0: all layers), so
+the same script is the learning check of that lever; ``lora_layers`` is part of a run's identity in ``--out``.
 
 The criterion is checked on each iteration's games (played before that iteration's update); the episodes to it
 count every game played up to and including that iteration. Each finished run is appended as one JSON line to
@@ -39,7 +43,7 @@ from lit_moral.module import AgentConfig, MoralPPO
 from lit_moral.policy import LoraSpec
 from lit_moral.ppo import PPOConfig
 
-REWARDS = ("deontological", "game", "game_deontological")
+REWARDS = ("deontological", "game", "game_deontological", "utilitarian")
 
 
 def conditional(types: dict[str, float], act: str, prev: str) -> float | None:
@@ -55,6 +59,8 @@ def reached(reward: str, types: dict[str, float]) -> bool:
         return p is not None and p < 0.05
     if reward == "game":
         return types["C|C"] + types["C|D"] < 0.05
+    if reward == "utilitarian":
+        return types["C|C"] + types["C|D"] > 0.95
     cc, dd = conditional(types, "C", "C"), conditional(types, "D", "D")
     return cc is not None and dd is not None and cc > 0.9 and dd > 0.9
 
@@ -85,7 +91,7 @@ def run_one(args, learner: str, reward: str, seed: int) -> dict:
     pl.seed_everything(seed)
     m = MoralPPO(model=args.model, dtype=args.dtype, agents=[AgentConfig("agent_0", reward)], opponent="tft",
                  rounds_per_episode=args.rounds, episodes_per_iteration=args.games, iterations_per_epoch=1,
-                 action_mode="constrained", lr=2e-4, lora=LoraSpec(r=8, alpha=16, dropout=0.0), value_head_dropout=0.0,
+                 action_mode="constrained", lr=2e-4, lora=LoraSpec(r=8, alpha=16, dropout=0.0, layers=args.lora_layers), value_head_dropout=0.0,
                  ppo=PPOConfig(ppo_epochs=4, minibatches=1, init_kl_coef=0.05, kl_penalty="fixed"),
                  algorithm=learner, seed=seed, run_name=f"{learner}-{reward}-{seed}")
     rec = _Record(reward, stop=not args.no_stop)
@@ -98,7 +104,7 @@ def run_one(args, learner: str, reward: str, seed: int) -> dict:
         wall = time.perf_counter() - t0
     hit = rec.hit
     return {"learner": learner, "reward": reward, "seed": seed, "model": args.model, "games": args.games,
-            "rounds": args.rounds, "iterations_run": len(rec.rows), "wall_s": wall, "reached": hit is not None,
+            "rounds": args.rounds, "lora_layers": args.lora_layers, "iterations_run": len(rec.rows), "wall_s": wall, "reached": hit is not None,
             "episodes_to_criterion": hit["episode"] if hit else None,
             "wall_s_to_criterion": hit["wall_s"] if hit else None,
             "final_action_types": rec.rows[-1]["action_types"], "per_iteration": rec.rows}
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iterations", type=int, default=20, help="at most this many iterations per run")
     p.add_argument("--games", type=int, default=64, help="games per iteration")
     p.add_argument("--rounds", type=int, default=5, help="rounds per game")
+    p.add_argument("--lora-layers", type=int, default=0, help="LoRA on the top k decoder layers only (0: all)")
     p.add_argument("--no-stop", action="store_true", help="play every iteration instead of stopping at the criterion")
     p.add_argument("--out", default="learners.jsonl", help="JSONL of finished runs (read to skip them, then appended)")
     args = p.parse_args(argv)
@@ -144,12 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     # A run is identified by what it trained on; other iteration limits share a file only by the user's choice.
-    key = lambda r: (r["learner"], r["reward"], r["seed"], r["model"], r["games"], r["rounds"])  # noqa: E731
+    key = lambda r: (r["learner"], r["reward"], r["seed"], r["model"], r["games"], r["rounds"],  # noqa: E731
+                     r.get("lora_layers", 0))
     have = {key(r) for r in done}
     for learner in args.learners:
         for reward in args.rewards:
             for seed in args.seeds:
-                if (learner, reward, seed, args.model, args.games, args.rounds) in have:
+                if (learner, reward, seed, args.model, args.games, args.rounds, args.lora_layers) in have:
                     continue
                 rec = run_one(args, learner, reward, seed)
                 with out.open("a") as f:
@@ -157,9 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
                 done.append(rec)
                 print(f"{learner} {reward} seed {seed}: reached={rec['reached']} "
                       f"episodes={rec['episodes_to_criterion']} wall={rec['wall_s']:.1f}s", file=sys.stderr)
-    mine = [r for r in done if key(r)[3:] == (args.model, args.games, args.rounds) and r["learner"] in args.learners
+    mine = [r for r in done if key(r)[3:] == (args.model, args.games, args.rounds, args.lora_layers) and r["learner"] in args.learners
             and r["reward"] in args.rewards and r["seed"] in args.seeds]
-    summary = {"model": args.model, "threads": torch.get_num_threads(), "summary": summarize(mine)}
+    summary = {"model": args.model, "threads": torch.get_num_threads(), "lora_layers": args.lora_layers,
+               "summary": summarize(mine)}
     print(json.dumps(summary))
     return summary
 
