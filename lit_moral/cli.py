@@ -11,11 +11,13 @@ import time
 import typing
 from pathlib import Path
 
+import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_moral.checkpoint_io import AtomicCheckpointIO
 from lit_moral.errors import ConfigError
+from lit_moral.hardware import bf16_advice
 from lit_moral.module import MoralPPO
 from lit_moral.runs import fit_summary, latest_checkpoint, run_dir_of, test_summary
 
@@ -173,8 +175,20 @@ class LitMoralCLI(LightningCLI):
         super()._parse_ckpt_path()
         self.config[key] = parsed
 
+    def _say_bf16(self, sub: str) -> None:
+        """A warning before a run that asks for bf16 on a CPU that would only emulate it (lit_moral.hardware)."""
+        cfg = self.config[sub]
+        trainer, model = cfg.get("trainer") or {}, cfg.get("model") or {}
+        accelerator = str(trainer.get("accelerator", "auto"))
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        advice = bf16_advice(trainer.get("precision"), str(model.get("dtype", "float32")), on_cpu)
+        if advice:
+            print(f"lit_moral: {advice}", file=sys.stderr, flush=True)
+
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
+        if sub in ("fit", "test", "validate"):
+            self._say_bf16(sub)
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         run = run_dir_of(ckpt) if ckpt else None
         logger = self._logger_args(sub) if sub else None
