@@ -339,3 +339,28 @@ def test_resume_after_iteration_1_matches_an_uninterrupted_run(tmp_path, algorit
     assert state["kl"]["value"] != 0.2  # the adaptive controller moved: its state had to be restored
     if algorithm == "reinforce":
         assert len(state["baseline"]["value"]) > 1
+
+
+def _types(**kw):
+    from lit_moral.games import ACTION_TYPES
+
+    return {t: float(kw.get(t.replace("|", "_"), 0.0)) for t in ACTION_TYPES}
+
+
+def test_benchmark_criteria_table():
+    """benchmarks/learners.py's stopping rule per reward, on hand-made action-type frequencies."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learners.py"
+    spec = importlib.util.spec_from_file_location("bench_learners", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tft_like = _types(C_C=0.48, D_D=0.48, D_C=0.02, C_D=0.02)
+    cooperator = _types(C_C=0.97, D_C=0.03)
+    defector = _types(D_C=0.2, D_D=0.78, C_D=0.02)
+    assert bench.reached("utilitarian", cooperator) and not bench.reached("utilitarian", _types(C_C=0.9, D_C=0.1))
+    assert bench.reached("deontological", cooperator) and not bench.reached("deontological", defector)
+    assert bench.reached("game", defector) and not bench.reached("game", _types(D_D=0.9, C_D=0.1))
+    assert bench.reached("game_deontological", tft_like) and not bench.reached("game_deontological", cooperator)
+    assert bench.conditional(_types(D_D=1.0), "D", "C") is None  # C never came before
