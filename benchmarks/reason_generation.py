@@ -8,7 +8,9 @@ log-prob, value, entropy); ``generate`` only samples. Prints one JSON object as 
 
 Fields: ``ours`` / ``hf_generate``: ``seconds``, ``generated_tokens`` (up to and including EOS), ``tokens_per_s``,
 ``agent_moves_per_s`` (answers per second); ``speedup`` (our tokens/s over generate's); ``ours_with_reference``:
-the rollout as training runs it (plus the KL reference's teacher-forced pass); ``update``: seconds of one forward
+the rollout as training runs it (plus the KL reference's teacher-forced pass); ``answers``: legal and illegal
+shares and mean length of the answers run to EOS / ``--new-tokens`` and, from the same draws, with
+``stop_at_action`` (each answer ends at its first completed ``Action:`` line; the rollout's default); ``update``: seconds of one forward
 and backward of the update's per-token scoring over ``--update-samples`` of the answers, and per generated token.
 """
 
@@ -27,6 +29,7 @@ from lit_moral import models
 from lit_moral.games import MatrixGame
 from lit_moral.policy import LoraSpec, Policy
 from lit_moral.prompts import PromptRenderer, PromptStyle
+from lit_moral.reason import parse_reasoned
 from lit_moral.rollout import ActionSampler
 
 
@@ -36,8 +39,9 @@ def _prompts(renderer: PromptRenderer, games: int, seed: int) -> torch.Tensor:
     return renderer.sample_ids(prev[0], prev[1], g)
 
 
-def _ours(policy, renderer, pid, new_tokens: int, reference: bool, seed: int) -> tuple[float, list]:
-    sampler = ActionSampler(policy, renderer, "reason", new_tokens, with_reference=reference)
+def _ours(policy, renderer, pid, new_tokens: int, reference: bool, seed: int,
+          stop: bool = False) -> tuple[float, list]:
+    sampler = ActionSampler(policy, renderer, "reason", new_tokens, with_reference=reference, stop_at_action=stop)
     t0 = time.perf_counter()
     (mv,) = sampler.act([("agent_0", pid)], torch.Generator().manual_seed(seed))
     return time.perf_counter() - t0, mv.responses
@@ -60,6 +64,14 @@ def _hf(policy, renderer, pid, new_tokens: int, seed: int) -> tuple[float, int]:
     for row in gen.tolist():  # tokens up to and including the first EOS
         count += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
     return dt, count
+
+
+def _answers(renderer, responses) -> dict:
+    """Shares of legal answers and of each illegal kind, and the mean answer length in tokens."""
+    kinds = [parse_reasoned(renderer.tokenizer.decode(list(r), skip_special_tokens=True), renderer.style.actions)[1]
+             for r in responses]
+    return {"shares": {k: kinds.count(k) / len(kinds) for k in sorted(set(kinds))},
+            "mean_tokens": sum(len(r) for r in responses) / len(responses)}
 
 
 def _update_cost(policy, renderer, pid, responses, n: int) -> dict:
@@ -95,6 +107,7 @@ def main() -> None:
         ours_s, responses = _ours(policy, renderer, pid, args.new_tokens, False, args.seed)
         hf_s, hf_tokens = _hf(policy, renderer, pid, args.new_tokens, args.seed)
         ref_s, ref_resp = _ours(policy, renderer, pid, args.new_tokens, True, args.seed)
+        stop_s, stop_resp = _ours(policy, renderer, pid, args.new_tokens, False, args.seed, stop=True)
     ours_tokens = sum(len(r) for r in responses)
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
@@ -107,6 +120,9 @@ def main() -> None:
                         "agent_moves_per_s": args.games / hf_s},
         "ours_with_reference": {"seconds": ref_s, "generated_tokens": sum(len(r) for r in ref_resp),
                                 "agent_moves_per_s": args.games / ref_s},
+        # the same draws with stop_at_action (the rollout's default): answers end at their first completed Action: line
+        "answers": {"run_to_eos": _answers(renderer, responses),
+                    "stop_at_action": {**_answers(renderer, stop_resp), "seconds": stop_s}},
         "update": _update_cost(policy, renderer, pid, responses, min(args.update_samples, args.games)),
     }
     result["speedup_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]

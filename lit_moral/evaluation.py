@@ -162,6 +162,11 @@ def _top_p(module) -> float:
     return float(getattr(module.hparams, "top_p", 1.0))
 
 
+def _sampling(module) -> dict:
+    """The reason-mode sampling settings of ``module``'s run (older checkpoints: the defaults)."""
+    return {"top_p": _top_p(module), "stop_at_action": bool(getattr(module.hparams, "stop_at_action", True))}
+
+
 def models_of(module, cfg: EvalConfig) -> list[tuple[str, str, str]]:
     """``(label, player, persona)``: every agent, the starting adapter (``warmup``) of a run that has one, then the
     base model and its persona baselines."""
@@ -233,7 +238,7 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
                     # Prompts without a payoff table are the same in every game: run them once per run.
                     sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
                         policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
-                        with_reference=False, top_p=_top_p(module)))
+                        with_reference=False, **_sampling(module)))
                     sampler.warm(sorted({p for _, p in models} | ({*module.agent_names} if not persona else set())))
                     for label, player in models:
                         for opp in opponents_of(module, cfg, player, persona):
@@ -267,7 +272,7 @@ def _public_goods_cells(module, cfg: EvalConfig, game: pgg.PublicGoodsGame, samp
             renderer = pgg.PublicGoodsRenderer(module.tokenizer, game, style_for(module, cfg, variant, persona))
             sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
                 module.policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
-                with_reference=False, top_p=_top_p(module)))
+                with_reference=False, **_sampling(module)))
             sampler.warm(sorted({p for _, p in models}), len(renderer.token_ids))
             for label, player in models:
                 for opp in [o for o in opponents_of(module, cfg, player, persona) if o in pgg.EVAL_CONTRIBUTORS]:

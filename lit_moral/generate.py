@@ -12,7 +12,7 @@ the update (position ``t`` predicts token ``t``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +66,8 @@ def _assemble(steps: list[tuple], n: int) -> Generated:
 
 @torch.no_grad()
 def generate(policy: Policy, rows: Sequence[tuple[str, Sequence[int]]], max_new_tokens: int, eos: int | None,
-             generator: torch.Generator, top_p: float = 1.0, cached: bool = True) -> Generated:
+             generator: torch.Generator, top_p: float = 1.0, cached: bool = True,
+             stop: Callable[[list[int]], bool] | None = None) -> Generated:
     """Sample up to ``max_new_tokens`` tokens after each row's prompt (policy in eval mode).
 
     Args:
@@ -77,9 +78,10 @@ def generate(policy: Policy, rows: Sequence[tuple[str, Sequence[int]]], max_new_
         generator: the sampling stream (one uniform per alive row and step).
         top_p: nucleus sampling mass (1 = the full distribution).
         cached: False runs the obvious path (whole sequences each step, no cache).
+        stop: a row also ends once ``stop(its tokens so far)`` is true (e.g. a completed ``Action:`` line).
     """
     if not cached:
-        return _generate_uncached(policy, rows, max_new_tokens, eos, generator, top_p)
+        return _generate_uncached(policy, rows, max_new_tokens, eos, generator, top_p, stop)
     uniq = sorted({(a, tuple(t)) for a, t in rows})
     where = {k: i for i, k in enumerate(uniq)}
     h, cache, mask, plen = policy.extend([list(t) for _, t in uniq], [a for a, _ in uniq])
@@ -90,12 +92,13 @@ def generate(policy: Policy, rows: Sequence[tuple[str, Sequence[int]]], max_new_
     cache.batch_select_indices(idx)
     mask, plen = mask[idx], plen[idx]
     alive, adapters, steps = list(range(len(rows))), [a for a, _ in rows], []
+    resp = [[] for _ in rows]
     for step in range(max_new_tokens):
         names = [adapters[r] for r in alive]
         lp, val, ent = _step_outputs(policy, last, names)
         tok = sample_next(lp, top_p, generator)
         steps.append((alive, tok.tolist(), lp.gather(1, tok[:, None]).squeeze(1), val, ent))
-        keep = [k for k, t in enumerate(tok.tolist()) if t != eos]
+        keep = _still_going(alive, tok.tolist(), resp, eos, stop)
         if step == max_new_tokens - 1 or not keep:
             break
         if len(keep) < len(alive):
@@ -109,7 +112,18 @@ def generate(policy: Policy, rows: Sequence[tuple[str, Sequence[int]]], max_new_
     return _assemble(steps, len(rows))
 
 
-def _generate_uncached(policy, rows, max_new_tokens, eos, generator, top_p) -> Generated:
+def _still_going(alive: list[int], tokens: list[int], resp: list[list[int]], eos: int | None,
+                 stop: Callable[[list[int]], bool] | None) -> list[int]:
+    """Append each alive row's new token to ``resp``; the positions (in ``alive``) of the rows that go on."""
+    keep = []
+    for k, (r, t) in enumerate(zip(alive, tokens)):
+        resp[r].append(t)
+        if t != eos and (stop is None or not stop(resp[r])):
+            keep.append(k)
+    return keep
+
+
+def _generate_uncached(policy, rows, max_new_tokens, eos, generator, top_p, stop=None) -> Generated:
     """The obvious path: each step, one full forward per alive row over its prompt and tokens so far."""
     resp = [[] for _ in rows]
     alive, steps = list(range(len(rows))), []
@@ -119,9 +133,7 @@ def _generate_uncached(policy, rows, max_new_tokens, eos, generator, top_p) -> G
         val = torch.stack([o[1][-1] for o in outs])
         tok = sample_next(lp, top_p, generator)
         steps.append((alive, tok.tolist(), lp.gather(1, tok[:, None]).squeeze(1), val, -(lp.exp() * lp).sum(-1)))
-        for r, t in zip(alive, tok.tolist()):
-            resp[r].append(t)
-        alive = [r for r, t in zip(alive, tok.tolist()) if t != eos]
+        alive = [alive[k] for k in _still_going(alive, tok.tolist(), resp, eos, stop)]
         if not alive:
             break
     return _assemble(steps, len(rows))

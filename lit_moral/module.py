@@ -123,6 +123,8 @@ class MoralPPO(pl.LightningModule):
         temperature: reason mode only: sampling temperature (log-probs of rollout and update are the tempered
             policy's); the other modes keep the paper's sampling at 1.
         top_p: reason mode only: nucleus sampling mass (1 = off); the update's log-probs are untruncated.
+        stop_at_action: reason mode only: an answer stops at its first completed ``Action:`` line (what follows
+            could only make it illegal); false lets it run to EOS or ``max_new_tokens``.
         xi: deontological penalty (paper: 3).
         illegal_penalty: reward for an illegal answer (paper: -6).
         lora: LoRA settings.
@@ -176,6 +178,7 @@ class MoralPPO(pl.LightningModule):
         max_new_tokens: int = 2,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        stop_at_action: bool = True,
         xi: float = 3.0,
         illegal_penalty: float = -6.0,
         lora: LoraSpec = LoraSpec(),  # noqa: B008 - frozen: safe, and jsonargparse documents its fields
@@ -346,7 +349,7 @@ class MoralPPO(pl.LightningModule):
             raise ConfigError(f"model: prompts need {need} tokens but {hp.model!r} has a context of {limit}")
         self.policy.temperature = float(hp.temperature)
         self.sampler = ActionSampler(self.policy, self.renderer, hp.action_mode, hp.max_new_tokens, naive=hp.naive,
-                                     top_p=float(hp.top_p))
+                                     top_p=float(hp.top_p), stop_at_action=bool(hp.stop_at_action))
         if self.learned_paths:
             from lit_moral.preference.reward_model import LearnedReward
 

@@ -16,7 +16,7 @@ uses a word of :data:`MORAL_WORDS`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lit_moral.games import ILLEGAL, C, D
 
@@ -78,6 +78,23 @@ def parse_reasoned(text: str, actions: Sequence[str]) -> tuple[int, str]:
     if label == actions[1]:
         return D, LEGAL
     return ILLEGAL, "unknown_label"
+
+
+def completed_action_line(text: str) -> bool:
+    """Whether ``text`` holds a finished ``Action:`` line (one a newline has ended).
+
+    Generation stops there: whatever follows cannot make the answer legal (more text gives ``no_action``, another
+    ``Action:`` line ``multiple_actions``), so the parse of the answer cut there is the answer's only legal reading.
+    """
+    return any(_ACTION_LINE.match(ln) for ln in text.replace("\r\n", "\n").split("\n")[:-1])
+
+
+def action_line_stop(tokenizer) -> Callable[[Sequence[int]], bool]:
+    """A ``generate(stop=...)`` rule: the decoded answer (special tokens dropped) holds a completed action line."""
+    def stop(ids: Sequence[int]) -> bool:
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+        return "\n" in text and completed_action_line(text)
+    return stop
 
 
 def reasoning_of(text: str) -> str:

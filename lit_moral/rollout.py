@@ -19,6 +19,7 @@ from lit_moral.opponents import Opponent
 from lit_moral.padding import pad_rows, pad_steps
 from lit_moral.policy import BASE, Policy
 from lit_moral.prompts import PromptRenderer
+from lit_moral.reason import action_line_stop
 from lit_moral.rewards import RewardSpec, compute_reward
 from lit_moral.seeding import Streams
 
@@ -112,6 +113,8 @@ class ActionSampler:
         with_reference: also compute the reference (adapter-disabled) log-probs.
         naive: the obvious path, for benchmarks: every sample on its own, one full forward per
             sequence with full-vocabulary logits, nothing shared or memoised.
+        top_p: reason mode: nucleus sampling mass.
+        stop_at_action: reason mode: a row stops generating at its first completed ``Action:`` line.
     """
 
     policy: Policy
@@ -121,6 +124,7 @@ class ActionSampler:
     with_reference: bool = True
     naive: bool = False
     top_p: float = 1.0
+    stop_at_action: bool = True
     _memo: dict = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -211,8 +215,9 @@ class ActionSampler:
         the reference log-probs after it in one teacher-forced pass, then the strict parse."""
         table = self.renderer.token_ids
         rows = [(a, table[p]) for a, pid in requests for p in pid.tolist()]
-        g = generate(self.policy, rows, self.max_new_tokens, self.renderer.tokenizer.eos_token_id, generator,
-                     top_p=self.top_p, cached=not self.naive)
+        tok = self.renderer.tokenizer
+        g = generate(self.policy, rows, self.max_new_tokens, tok.eos_token_id, generator, top_p=self.top_p,
+                     cached=not self.naive, stop=action_line_stop(tok) if self.stop_at_action else None)
         ref = reference_logprobs(self.policy, [t for _, t in rows], g.tokens) if self.with_reference else g.logp
         moves, k = [], 0
         for _, pid in requests:

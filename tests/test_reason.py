@@ -16,7 +16,14 @@ from lit_moral.games import ILLEGAL, C, D, MatrixGame
 from lit_moral.generate import generate, reference_logprobs, sample_next
 from lit_moral.policy import BASE, LoraSpec, Policy
 from lit_moral.prompts import PromptRenderer, PromptStyle
-from lit_moral.reason import answer_stats, mentions_previous_move, parse_reasoned, uses_moral_vocabulary
+from lit_moral.reason import (
+    action_line_stop,
+    answer_stats,
+    completed_action_line,
+    mentions_previous_move,
+    parse_reasoned,
+    uses_moral_vocabulary,
+)
 from lit_moral.rollout import ActionSampler
 from tests.helpers import scalars, tiny_module, trainer
 
@@ -48,6 +55,49 @@ A = ("action1", "action2")
 ])
 def test_parser_table(text, expected):
     assert parse_reasoned(text, A) == expected
+
+
+@pytest.mark.parametrize("text, done", [
+    ("Action: action1", False),  # the label may still grow ("action12")
+    ("Action: action1\n", True),
+    ("Reasoning.\nAction: action2\nand more", True),
+    ("  Action: action3\n", True),  # any label: the answer's fate is decided
+    ("Reasoning.\nI pick action1\n", False),
+    ("action: action1\n", False),  # the prefix is case-sensitive, as the parser's
+    ("Reasoning.\r\nAction: action1\r\n", True),
+    ("", False),
+])
+def test_completed_action_line(text, done):
+    assert completed_action_line(text) is done
+
+
+def _cut(text: str) -> str:
+    """The answer as generation with stop_at_action leaves it: up to the newline ending its first action line."""
+    out = ""
+    for line in text.replace("\r\n", "\n").split("\n")[:-1]:
+        out += line + "\n"
+        if completed_action_line(out):
+            return out
+    return text
+
+
+def test_stopping_at_the_action_line_keeps_every_legal_parse():
+    """Every legal answer of the parser table parses the same once cut at its first completed action line."""
+    texts = [t for t, expected in test_parser_table.pytestmark[0].args[1] if expected[1] == "legal"]
+    assert len(texts) >= 6
+    for t in texts:
+        assert parse_reasoned(_cut(t), A) == parse_reasoned(t, A), t
+    # an answer that talks on after its action line is illegal whole, legal cut
+    assert parse_reasoned("Action: action1\nbecause it is fair", A)[1] == "no_action"
+    assert parse_reasoned(_cut("Action: action1\nbecause it is fair"), A) == (C, "legal")
+
+
+def test_action_line_stop_decodes_the_answer(tiny):
+    _, tok = tiny
+    stop = action_line_stop(tok)
+    assert stop(tok.encode("Reasoning.\nAction: action1\n", add_special_tokens=False))
+    assert not stop(tok.encode("Reasoning.\nAction: action1", add_special_tokens=False))
+    assert not stop(tok.encode("Reasoning.\n", add_special_tokens=False))
 
 
 def test_parser_uses_the_run_labels():
@@ -145,6 +195,26 @@ def test_cached_generation_equals_uncached(tiny, top_p):
     assert len({len(x) for x in fast.tokens}) > 1
     for a, b in zip(fast.logp + fast.values + fast.entropy, slow.logp + slow.values + slow.entropy):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_stops_where_the_stop_rule_first_holds(tiny):
+    """Rows end at the first token where ``stop`` holds; cached and uncached generation agree (the rows alive draw
+    one uniform each per step, so after a row stops the others' draws move on: the same in both paths)."""
+    pol, r = _policy(tiny, temperature=0.7)
+    rows = [("agent_0", r.token_ids[k]) for k in (0, 3, 5, 9, 12)] + [("agent_1", r.token_ids[3])]
+    free = generate(pol, rows, 8, None, torch.Generator().manual_seed(4))
+    stop_tokens = {free.tokens[0][2], free.tokens[3][4]}
+    stop = lambda ids: ids[-1] in stop_tokens  # noqa: E731
+    fast = generate(pol, rows, 8, None, torch.Generator().manual_seed(4), stop=stop)
+    slow = generate(pol, rows, 8, None, torch.Generator().manual_seed(4), cached=False, stop=stop)
+    assert fast.tokens == slow.tokens
+    for a, b in zip(fast.logp + fast.values, slow.logp + slow.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for toks in fast.tokens:
+        assert not any(stop(toks[:i]) for i in range(1, len(toks)))  # nothing stopped earlier
+        assert stop(toks) or len(toks) == 8
+    assert fast.tokens[0] == free.tokens[0][:3]  # the first row to stop: the same draws until then
+    assert len({len(x) for x in fast.tokens}) > 1
 
 
 def test_rollout_and_update_logprobs_equal_full_forwards(tiny):
