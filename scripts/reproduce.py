@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         from results_report import write_report  # scripts/results_report.py
 
-        print(write_report(args.results, ROOT / "docs" / "results.md", ROOT / "docs" / "figures"))
+        print(write_report(args.results, ROOT / "docs" / "results.md", ROOT / "docs" / "figures",
+                           ROOT / "docs" / "benchmarks"))
         return
     for cond in args.conditions:
         for seed in args.seeds:

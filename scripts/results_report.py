@@ -294,11 +294,17 @@ def blocks(runs: dict, figures: Path, doc: Path) -> dict[str, str]:
     return out
 
 
-def write_report(results: Path, doc: Path, figures: Path) -> Path:
-    """Regenerate every ``generated`` block of ``doc`` from ``results``; blocks the document lacks are appended."""
+def write_report(results: Path, doc: Path, figures: Path, benchmarks: Path | None = None) -> Path:
+    """Regenerate every ``generated`` block of ``doc`` from ``results`` (and the learner tables from the JSONL
+    files of ``benchmarks``, scripts/benchmark_tables.py); blocks the document lacks are appended."""
     runs = load_runs(results)
     text = doc.read_text() if doc.exists() else "# Results\n"
-    for name, body in blocks(runs, figures, doc).items():
+    made = blocks(runs, figures, doc)
+    if benchmarks is not None:
+        from benchmark_tables import benchmark_blocks  # scripts/benchmark_tables.py
+
+        made.update(benchmark_blocks(benchmarks))
+    for name, body in made.items():
         begin, end = f"<!-- generated:begin {name} -->", f"<!-- generated:end {name} -->"
         new = f"{begin}\n{body}\n{end}"
         if begin in text:

@@ -104,3 +104,38 @@ def test_report_is_rebuilt_from_the_results_folder_alone(tmp_path):
     _fixture_run(res, "constrained", "game", 2, 3.0, 0.6, 0.5)
     rr.write_report(res, doc, tmp_path / "figures")
     assert "| game | agent_0 | 3 | 2.00 ± 1.13 [1.7] |" in doc.read_text()
+
+
+def _bench_run(learner, reward, seed, episodes, wall, layers=None):
+    types = {"C|C": 0.5, "C|D": 0.1, "D|C": 0.4, "D|D": 0.0, "illegal|C": 0.0, "illegal|D": 0.0}
+    rec = {"learner": learner, "reward": reward, "seed": seed, "model": "m", "games": 64, "rounds": 5,
+           "iterations_run": 3, "wall_s": wall, "reached": episodes is not None, "episodes_to_criterion": episodes,
+           "final_action_types": types}
+    if layers is not None:
+        rec["lora_layers"] = layers
+    return json.dumps(rec)
+
+
+def test_learner_tables_come_from_the_benchmark_files(tmp_path):
+    rr = _script("results_report")
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "learners.jsonl").write_text("\n".join([
+        _bench_run("ppo", "game", 0, 192, 100.0), _bench_run("ppo", "game", 1, None, 300.0),
+        _bench_run("grpo", "game", 0, 256, 200.0), _bench_run("grpo", "game", 1, 128, 100.0),
+        _bench_run("ppo", "deontological", 0, 64, 50.0)]) + "\n")
+    (bench / "topk_learning.jsonl").write_text("\n".join([
+        _bench_run("ppo", "game", 0, 320, 60.0, layers=8), _bench_run("ppo", "game", 0, 192, 90.0, layers=0)]) + "\n")
+    doc = tmp_path / "results.md"
+    doc.write_text("# R\n\n<!-- generated:begin learners -->\nold\n<!-- generated:end learners -->\n")
+    rr.write_report(tmp_path / "results", doc, tmp_path / "figures", bench)
+    text = doc.read_text()
+    assert "old" not in text
+    learners = text.split("generated:begin learners")[1].split("generated:end learners")[0]
+    # deontological first; ppo before grpo; episodes over the reached runs only; wall over every run
+    assert learners.index("| deontological | ppo |") < learners.index("| game | ppo |") < learners.index("| game | grpo |")
+    assert "| game | ppo | 0, 1 | 1/2 | 192 | 3.0 ± 0.0 | 200 ± 141 | 0.50 / 0.10 / 0.40 / 0.00 |" in learners
+    assert "| game | grpo | 0, 1 | 2/2 | 192 ± 91 | 3.0 ± 0.0 | 150 ± 71 |" in learners
+    topk = text.split("generated:begin topk_learning")[1]
+    assert topk.index("| game | all |") < topk.index("| game | 8 |")
+    assert "| game | 8 | 0 | 1/1 | 320 |" in topk
