@@ -217,6 +217,19 @@ def test_generation_stops_where_the_stop_rule_first_holds(tiny):
     assert len({len(x) for x in fast.tokens}) > 1
 
 
+@pytest.mark.parametrize("stop_at_action", [True, False])
+def test_sampler_applies_the_action_line_stop(tiny, monkeypatch, stop_at_action):
+    """The rollout passes reason.action_line_stop to the generator exactly when ``stop_at_action`` is on."""
+    import lit_moral.rollout as rollout
+
+    monkeypatch.setattr(rollout, "action_line_stop", lambda tok: (lambda ids: len(ids) >= 3))
+    pol, r = _policy(tiny, temperature=1.0)
+    sampler = ActionSampler(pol, r, "reason", max_new_tokens=7, stop_at_action=stop_at_action)
+    (mv,) = sampler.act([("agent_0", torch.tensor([0, 3, 9, 15]))], torch.Generator().manual_seed(1))
+    lengths = {len(x) for x in mv.responses}
+    assert (max(lengths) == 3) if stop_at_action else (max(lengths) > 3)
+
+
 def test_rollout_and_update_logprobs_equal_full_forwards(tiny):
     """Per-token log-probs (rollout, update engine, reference) equal the obvious full-forward path within 1e-5."""
     pol, r = _policy(tiny, temperature=0.8)
