@@ -158,13 +158,10 @@ class _EvalSampler(ActionSampler):
 WARMUP_LABEL = "warmup"
 
 
-def _top_p(module) -> float:
-    return float(getattr(module.hparams, "top_p", 1.0))
-
-
 def _sampling(module) -> dict:
     """The reason-mode sampling settings of ``module``'s run (older checkpoints: the defaults)."""
-    return {"top_p": _top_p(module), "stop_at_action": bool(getattr(module.hparams, "stop_at_action", True))}
+    hp = module.hparams
+    return {"top_p": float(getattr(hp, "top_p", 1.0)), "stop_at_action": bool(getattr(hp, "stop_at_action", True))}
 
 
 def models_of(module, cfg: EvalConfig) -> list[tuple[str, str, str]]:

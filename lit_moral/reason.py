@@ -90,10 +90,15 @@ def completed_action_line(text: str) -> bool:
 
 
 def action_line_stop(tokenizer) -> Callable[[Sequence[int]], bool]:
-    """A ``generate(stop=...)`` rule: the decoded answer (special tokens dropped) holds a completed action line."""
+    """A ``generate(stop=...)`` rule: the decoded answer (special tokens dropped) holds a completed action line.
+
+    A line completes only when a newline arrives, so the whole answer is decoded only at steps whose new token
+    holds one (each step of generation calls this for every row still going).
+    """
     def stop(ids: Sequence[int]) -> bool:
-        text = tokenizer.decode(list(ids), skip_special_tokens=True)
-        return "\n" in text and completed_action_line(text)
+        if not ids or "\n" not in tokenizer.decode([ids[-1]], skip_special_tokens=True):
+            return False
+        return completed_action_line(tokenizer.decode(list(ids), skip_special_tokens=True))
     return stop
 
 
