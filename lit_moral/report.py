@@ -95,7 +95,8 @@ def recompute_regrets(row: dict, payoffs=None, xi: float | None = None) -> dict[
             "regret_utilitarian": float(utilitarian_regret(code("action"), code("other_action"), table, penalty))}
 
 
-def _mean_ci(samples: Sequence[float]) -> tuple[float, float]:
+def mean_ci(samples: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% CI half-width, 1.96 sd / sqrt(n) (protocol section 7); 0 for one sample."""
     mean = statistics.fmean(samples)
     if len(samples) < 2:
         return mean, 0.0
@@ -132,7 +133,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         for metric in METRICS:
             if any(metric not in m for unit in units for m in unit):
                 continue  # a column the rows do not (all) have
-            mean, ci = _mean_ci([statistics.fmean(m[metric] for m in unit) for unit in units])
+            mean, ci = mean_ci([statistics.fmean(m[metric] for m in unit) for unit in units])
             summary[f"{metric}_mean"], summary[f"{metric}_ci"] = mean, ci
         out.append(summary)
     return out
@@ -277,6 +278,6 @@ def tensorboard_scalars(summary: Sequence[dict], meta: dict) -> dict[str, float]
     return out
 
 
-__all__ = ["CELL", "METRICS", "PLOT_FILES", "ROUND_COLUMNS", "TYPE_KEYS", "check_row", "read_csv", "recompute_regrets",
+__all__ = ["CELL", "METRICS", "PLOT_FILES", "ROUND_COLUMNS", "TYPE_KEYS", "check_row", "mean_ci", "read_csv", "recompute_regrets",
            "report_markdown", "round_metrics", "write_selection", "summarize", "tensorboard_scalars", "write_csv",
            "write_outputs"]

@@ -295,11 +295,15 @@ def blocks(runs: dict, figures: Path, doc: Path) -> dict[str, str]:
 
 
 def write_report(results: Path, doc: Path, figures: Path, benchmarks: Path | None = None) -> Path:
-    """Regenerate every ``generated`` block of ``doc`` from ``results`` (and the learner tables from the JSONL
-    files of ``benchmarks``, scripts/benchmark_tables.py); blocks the document lacks are appended."""
+    """Regenerate every ``generated`` block of ``doc`` from ``results`` (the preference table from its ``extras/``,
+    scripts/preference_tables.py; the learner tables from the JSONL files of ``benchmarks``,
+    scripts/benchmark_tables.py); blocks the document lacks are appended."""
     runs = load_runs(results)
     text = doc.read_text() if doc.exists() else "# Results\n"
     made = blocks(runs, figures, doc)
+    from preference_tables import preference_blocks  # scripts/preference_tables.py
+
+    made.update(preference_blocks(results / "extras"))
     if benchmarks is not None:
         from benchmark_tables import benchmark_blocks  # scripts/benchmark_tables.py
 

@@ -139,3 +139,49 @@ def test_learner_tables_come_from_the_benchmark_files(tmp_path):
     topk = text.split("generated:begin topk_learning")[1]
     assert topk.index("| game | all |") < topk.index("| game | 8 |")
     assert "| game | 8 | 0 | 1/1 | 320 |" in topk
+
+
+def _pref_run(root, name, coop, train_cc=1.0, regret=0.5, top_level=False, info=None):
+    """A preference run folder: new-token cells (5 games vs Random, IPD vs TFT) and training-token cells."""
+    d = root / name
+    cells = [{"model": m, "game": g, "opponent": "random", "cooperation_mean": c, "regret_deontological_mean": regret}
+             for m, c in (("agent_0", coop), ("base", 0.7)) for g in ("IPD", "ISH", "ICN", "BOS", "ICD")]
+    cells += [{"model": m, "game": "IPD", "opponent": "tft", "cooperation_mean": c} for m, c in
+              (("agent_0", coop), ("base", 0.7))]
+    train = [{"model": m, "game": "IPD", "opponent": "tft", "C|C_mean": cc, "C|D_mean": 1 - cc, "D|C_mean": 0.0,
+              "D|D_mean": 0.0} for m, cc in (("agent_0", train_cc), ("base", 0.5))]
+    (d if top_level else d / "eval").mkdir(parents=True)
+    (d / "eval_training_tokens").mkdir()
+    (d / ("summary.json" if top_level else "eval/summary.json")).write_text(json.dumps({"cells": cells}))
+    (d / "eval_training_tokens" / "summary.json").write_text(json.dumps({"cells": train}))
+    if info is not None:
+        (d / "run.json").write_text(json.dumps(info))
+
+
+def test_preference_table_comes_from_the_extras_folder(tmp_path):
+    rr = _script("results_report")
+    extras = tmp_path / "results" / "extras"
+    _pref_run(extras, "quickstart_ppo", 0.9, top_level=True)
+    _pref_run(extras, "dpo_deontological", 0.2)
+    _pref_run(extras, "dpo_deontological_s1", 0.4, info={"seed": 1})
+    _pref_run(extras, "dpo_deontological_n30", 0.8, info={"budget": 512, "noise": 0.3})
+    _pref_run(extras, "rm_ppo_unlearning_deontological", 0.6, regret=0.25)
+    _pref_run(extras, "quickstart_top8", 0.1)  # a LoRA-layer run: not a preference cell
+    _pref_run(extras, "pgg_deontological", 0.1)
+    doc = tmp_path / "results.md"
+    doc.write_text("# R\n\n<!-- generated:begin preference -->\nold\n<!-- generated:end preference -->\n")
+    rr.write_report(tmp_path / "results", doc, tmp_path / "figures")
+    table = doc.read_text().split("generated:begin preference")[1].split("generated:end preference")[0]
+    assert "old" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| deontological") or "base" in line]
+    assert len(rows) == 5  # ppo, dpo (2 seeds), dpo 30%, rm_ppo from Game, base
+    # two seeds of one cell: mean 0.30, CI 1.96 * sd / sqrt(2) = 1.96 * 0.1414 / 1.414 = 0.196
+    assert ("| deontological | zero | DPO | 512 | 0% | 0, 1 | 1.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 | "
+            "0.30 ± 0.20 | 0.30 ± 0.20 |") in table
+    assert "| deontological | zero | DPO | 512 | 30% | 0 |" in table
+    assert "| deontological | zero | PPO (intrinsic) | - | - | 0 |" in table
+    assert "| deontological | Game-trained | reward model + PPO | 512 | 0% | 0 |" in table
+    assert "0.25 / 0.25 / 0.25 / 0.25 / 0.25 |" in table
+    assert "| base (no adapter) |  |  | - | 0.50 / 0.50 / 0.00 / 0.00 | 0.70 | 0.70 |" in table
+    # zero-start rows before Game-trained ones; PPO before DPO before the reward model
+    assert table.index("PPO (intrinsic)") < table.index("| DPO |") < table.index("Game-trained")
