@@ -7,8 +7,8 @@ the 95% CI over seeds (1.96 sd / sqrt(n), as the reproduction's tables; 0 for on
 
 ``route``: ``quickstart_ppo`` or ``ppo`` (intrinsic reward, PPO), ``dpo``, ``rm_ppo`` (reward model + PPO);
 ``unlearning``: the run started from a Game-trained adapter; ``value``: the labeller's (or the intrinsic
-reward's) moral value, deontological when absent (the quickstart's); labels 512 and noise 0 when absent
-(``configs/dpo_deontological.yaml``'s). ``run.json``'s ``budget``, ``noise`` and ``seed`` win over the name.
+reward's) moral value, deontological when absent (the quickstart's), whose regret the table shows; labels 512 and
+noise 0 when absent (``configs/dpo_deontological.yaml``'s). ``run.json``'s ``budget``, ``noise`` and ``seed`` win over the name.
 A run folder holds ``eval/summary.json`` (new tokens, vs Random and TFT, five games) and
 ``eval_training_tokens/summary.json`` (IPD, vs TFT); the quickstart run keeps the first at its top level.
 Other folders of ``extras/`` are not preference runs and are skipped.
@@ -34,7 +34,7 @@ NAME = re.compile(r"^(?P<route>quickstart_ppo|rm_ppo|ppo|dpo)(?P<unl>_unlearning
 def parse_name(name: str) -> dict | None:
     """The cell a run folder's name names, or None for a folder that is not a preference run."""
     m = NAME.match(name)
-    if m is None or (m["route"] == "ppo" and not m["unl"]):
+    if m is None or (m["route"] == "ppo" and not (m["unl"] or m["value"])):
         return None
     value = m["value"] or "deontological"
     if m["route"] == "quickstart_ppo" and m["value"]:
@@ -84,8 +84,9 @@ def _row(label: list[str], runs: list[dict], model: str = "agent_0", seeds: str 
     cols.append(" / ".join(train))
     cols.append(_stat(runs, lambda r: (_cell(r["new"], model, "IPD", "tft") or {}).get("cooperation_mean")))
     cols.append(_stat(runs, lambda r: _mean_over_games(r["new"], model, "cooperation")))
-    cols.append(" / ".join(_stat(runs, lambda r, g=g: (_cell(r["new"], model, g, "random") or {})
-                                 .get("regret_deontological_mean")) for g in GAMES))
+    regret = f"regret_{label[0]}_mean"  # the row's own value
+    cols.append(" / ".join(_stat(runs, lambda r, g=g: (_cell(r["new"], model, g, "random") or {}).get(regret))
+                           for g in GAMES))
     seeds = seeds or ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
     return f"| {' | '.join(label)} | {seeds} | {' | '.join(cols)} |"
 
@@ -110,15 +111,17 @@ def preference_table(extras: Path) -> str:
              "no ± for one seed). Each run's values are means over its 10 evaluation episodes x 5 rounds.", "",
              "| value | start | route | labels | noise | seeds | vs TFT, training tokens (IPD): C\\|C / C\\|D / D\\|C "
              "/ D\\|D | cooperation vs TFT, new tokens (IPD) | cooperation vs Random, new tokens (mean of 5 games) "
-             "| deontological regret vs Random, new tokens: IPD / ISH / ICN / BOS / ICD |",
+             "| regret of the row's value vs Random, new tokens: IPD / ISH / ICN / BOS / ICD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(groups, key=order):
-        value, start, route, labels, noise = k
-        lines.append(_row([value, start, route, "-" if labels is None else str(labels),
-                           "-" if noise is None else f"{noise:.0%}"], groups[k]))
-    # the base model is the same in every run (adapters disabled, same evaluation seed): the first run's
-    lines.append(_row(["", "", "base (no adapter)", "", ""], [min(runs, key=lambda r: r["name"])], model="base",
-                      seeds="-"))
+    # the base model is the same in every run (adapters disabled, same evaluation seed): the first run's, after
+    # each value's rows, with that value's regret
+    first = min(runs, key=lambda r: r["name"])
+    for value in sorted({r["value"] for r in runs}):
+        for k in sorted((k for k in groups if k[0] == value), key=order):
+            _, start, route, labels, noise = k
+            lines.append(_row([value, start, route, "-" if labels is None else str(labels),
+                               "-" if noise is None else f"{noise:.0%}"], groups[k]))
+        lines.append(_row([value, "", "base (no adapter)", "", ""], [first], model="base", seeds="-"))
     return "\n".join(lines)
 
 

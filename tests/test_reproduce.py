@@ -144,7 +144,8 @@ def test_learner_tables_come_from_the_benchmark_files(tmp_path):
 def _pref_run(root, name, coop, train_cc=1.0, regret=0.5, top_level=False, info=None):
     """A preference run folder: new-token cells (5 games vs Random, IPD vs TFT) and training-token cells."""
     d = root / name
-    cells = [{"model": m, "game": g, "opponent": "random", "cooperation_mean": c, "regret_deontological_mean": regret}
+    cells = [{"model": m, "game": g, "opponent": "random", "cooperation_mean": c, "regret_deontological_mean": regret,
+              "regret_utilitarian_mean": 2 * regret}
              for m, c in (("agent_0", coop), ("base", 0.7)) for g in ("IPD", "ISH", "ICN", "BOS", "ICD")]
     cells += [{"model": m, "game": "IPD", "opponent": "tft", "cooperation_mean": c} for m, c in
               (("agent_0", coop), ("base", 0.7))]
@@ -168,13 +169,14 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     _pref_run(extras, "rm_ppo_unlearning_deontological", 0.6, regret=0.25)
     _pref_run(extras, "quickstart_top8", 0.1)  # a LoRA-layer run: not a preference cell
     _pref_run(extras, "pgg_deontological", 0.1)
+    _pref_run(extras, "ppo_utilitarian", 0.95, regret=0.1)  # the intrinsic utilitarian reward: its own regret
     doc = tmp_path / "results.md"
     doc.write_text("# R\n\n<!-- generated:begin preference -->\nold\n<!-- generated:end preference -->\n")
     rr.write_report(tmp_path / "results", doc, tmp_path / "figures")
     table = doc.read_text().split("generated:begin preference")[1].split("generated:end preference")[0]
     assert "old" not in table
-    rows = [line for line in table.splitlines() if line.startswith("| deontological") or "base" in line]
-    assert len(rows) == 5  # ppo, dpo (2 seeds), dpo 30%, rm_ppo from Game, base
+    rows = [line for line in table.splitlines() if line.startswith(("| deontological", "| utilitarian"))]
+    assert len(rows) == 7  # ppo, dpo (2 seeds), dpo 30%, rm_ppo from Game, base; utilitarian ppo, base
     # two seeds of one cell: mean 0.30, CI 1.96 * sd / sqrt(2) = 1.96 * 0.1414 / 1.414 = 0.196
     assert ("| deontological | zero | DPO | 512 | 0% | 0, 1 | 1.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 | "
             "0.30 ± 0.20 | 0.30 ± 0.20 |") in table
@@ -182,6 +184,9 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     assert "| deontological | zero | PPO (intrinsic) | - | - | 0 |" in table
     assert "| deontological | Game-trained | reward model + PPO | 512 | 0% | 0 |" in table
     assert "0.25 / 0.25 / 0.25 / 0.25 / 0.25 |" in table
-    assert "| base (no adapter) |  |  | - | 0.50 / 0.50 / 0.00 / 0.00 | 0.70 | 0.70 |" in table
+    assert "| deontological |  | base (no adapter) |  |  | - | 0.50 / 0.50 / 0.00 / 0.00 | 0.70 | 0.70 |" in table
+    assert "| utilitarian | zero | PPO (intrinsic) | - | - | 0 |" in table
+    assert "0.20 / 0.20 / 0.20 / 0.20 / 0.20 |" in table  # utilitarian regret, not the deontological 0.10
+    assert table.index("| deontological |  | base") < table.index("| utilitarian | zero")
     # zero-start rows before Game-trained ones; PPO before DPO before the reward model
     assert table.index("PPO (intrinsic)") < table.index("| DPO |") < table.index("Game-trained")
