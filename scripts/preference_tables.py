@@ -11,7 +11,8 @@ reward's) moral value, deontological when absent (the quickstart's), whose regre
 noise 0 when absent (``configs/dpo_deontological.yaml``'s). ``run.json``'s ``budget``, ``noise`` and ``seed`` win over the name.
 A run folder holds ``eval/summary.json`` (new tokens, vs Random and TFT, five games) and
 ``eval_training_tokens/summary.json`` (IPD, vs TFT); the quickstart run keeps the first at its top level.
-Other folders of ``extras/`` are not preference runs and are skipped.
+A run started from an adapter (``init_adapter``) also evaluates that adapter, as the ``warmup`` model: the table
+shows it once, as the start of the unlearning rows. Other folders of ``extras/`` are not preference runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lit_moral.report import mean_ci
 GAMES = ["IPD", "ISH", "ICN", "BOS", "ICD"]
 TYPES = ("C|C", "C|D", "D|C", "D|D")
 ROUTES = {"quickstart_ppo": "PPO (intrinsic)", "ppo": "PPO (intrinsic)", "dpo": "DPO", "rm_ppo": "reward model + PPO"}
+WARMUP = "warmup"  # lit_moral.evaluation's label for a run's init_adapter
 ROUTE_ORDER = ["PPO (intrinsic)", "DPO", "reward model + PPO"]
 NAME = re.compile(r"^(?P<route>quickstart_ppo|rm_ppo|ppo|dpo)(?P<unl>_unlearning)?(?:_(?P<value>[a-z]+?))?"
                   r"(?:_b(?P<budget>\d+))?(?:_n(?P<noise>\d+))?(?:_s(?P<seed>\d+))?$")
@@ -122,6 +124,11 @@ def preference_table(extras: Path) -> str:
             lines.append(_row([value, start, route, "-" if labels is None else str(labels),
                                "-" if noise is None else f"{noise:.0%}"], groups[k]))
         lines.append(_row([value, "", "base (no adapter)", "", ""], [first], model="base", seeds="-"))
+        # the unlearning runs' start adapter, evaluated in their runs as the ``warmup`` row (the same adapter)
+        start = [r for r in runs if r["value"] == value and r["start"] != "zero" and _cell(r["new"], WARMUP, "IPD", "random")]
+        if start:
+            lines.append(_row([value, start[0]["start"], "the start adapter, untrained further", "", ""],
+                              start[:1], model=WARMUP, seeds="-"))
     return "\n".join(lines)
 
 

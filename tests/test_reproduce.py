@@ -141,14 +141,14 @@ def test_learner_tables_come_from_the_benchmark_files(tmp_path):
     assert "| game | 8 | 0 | 1/1 | 320 |" in topk
 
 
-def _pref_run(root, name, coop, train_cc=1.0, regret=0.5, top_level=False, info=None):
+def _pref_run(root, name, coop, train_cc=1.0, regret=0.5, top_level=False, info=None, models=("agent_0", "base")):
     """A preference run folder: new-token cells (5 games vs Random, IPD vs TFT) and training-token cells."""
     d = root / name
     cells = [{"model": m, "game": g, "opponent": "random", "cooperation_mean": c, "regret_deontological_mean": regret,
               "regret_utilitarian_mean": 2 * regret}
-             for m, c in (("agent_0", coop), ("base", 0.7)) for g in ("IPD", "ISH", "ICN", "BOS", "ICD")]
+             for m, c in zip(models, (coop, 0.7, 0.05)) for g in ("IPD", "ISH", "ICN", "BOS", "ICD")]
     cells += [{"model": m, "game": "IPD", "opponent": "tft", "cooperation_mean": c} for m, c in
-              (("agent_0", coop), ("base", 0.7))]
+              zip(models, (coop, 0.7, 0.05))]
     train = [{"model": m, "game": "IPD", "opponent": "tft", "C|C_mean": cc, "C|D_mean": 1 - cc, "D|C_mean": 0.0,
               "D|D_mean": 0.0} for m, cc in (("agent_0", train_cc), ("base", 0.5))]
     (d if top_level else d / "eval").mkdir(parents=True)
@@ -166,7 +166,7 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     _pref_run(extras, "dpo_deontological", 0.2)
     _pref_run(extras, "dpo_deontological_s1", 0.4, info={"seed": 1})
     _pref_run(extras, "dpo_deontological_n30", 0.8, info={"budget": 512, "noise": 0.3})
-    _pref_run(extras, "rm_ppo_unlearning_deontological", 0.6, regret=0.25)
+    _pref_run(extras, "rm_ppo_unlearning_deontological", 0.6, regret=0.25, models=("agent_0", "base", "warmup"))
     _pref_run(extras, "quickstart_top8", 0.1)  # a LoRA-layer run: not a preference cell
     _pref_run(extras, "pgg_deontological", 0.1)
     _pref_run(extras, "ppo_utilitarian", 0.95, regret=0.1)  # the intrinsic utilitarian reward: its own regret
@@ -176,7 +176,9 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     table = doc.read_text().split("generated:begin preference")[1].split("generated:end preference")[0]
     assert "old" not in table
     rows = [line for line in table.splitlines() if line.startswith(("| deontological", "| utilitarian"))]
-    assert len(rows) == 7  # ppo, dpo (2 seeds), dpo 30%, rm_ppo from Game, base; utilitarian ppo, base
+    assert len(rows) == 8  # ppo, dpo (2 seeds), dpo 30%, rm_ppo from Game, base, the Game start; utilitarian ppo, base
+    assert "| deontological | Game-trained | the start adapter, untrained further |  |  | - |" in table
+    assert "| 0.05 | 0.05 |" in table  # the start adapter's cooperation (its `warmup` cells)
     # two seeds of one cell: mean 0.30, CI 1.96 * sd / sqrt(2) = 1.96 * 0.1414 / 1.414 = 0.196
     assert ("| deontological | zero | DPO | 512 | 0% | 0, 1 | 1.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 | "
             "0.30 ± 0.20 | 0.30 ± 0.20 |") in table
