@@ -119,16 +119,19 @@ def preference_table(extras: Path) -> str:
     # each value's rows, with that value's regret
     first = min(runs, key=lambda r: r["name"])
     for value in sorted({r["value"] for r in runs}):
-        for k in sorted((k for k in groups if k[0] == value), key=order):
-            _, start, route, labels, noise = k
-            lines.append(_row([value, start, route, "-" if labels is None else str(labels),
+        keys = sorted((k for k in groups if k[0] == value), key=order)
+        # the unlearning runs' start adapter, evaluated in their runs as the ``warmup`` model (the same adapter),
+        # just before the rows that start from it
+        start = [r for r in runs if r["value"] == value and r["start"] != "zero" and _cell(r["new"], WARMUP, "IPD", "random")]
+        for k in keys:
+            _, begin, route, labels, noise = k
+            if start and begin == start[0]["start"]:
+                lines.append(_row([value, begin, "the start adapter, untrained further", "", ""], start[:1],
+                                  model=WARMUP, seeds="-"))
+                start = []
+            lines.append(_row([value, begin, route, "-" if labels is None else str(labels),
                                "-" if noise is None else f"{noise:.0%}"], groups[k]))
         lines.append(_row([value, "", "base (no adapter)", "", ""], [first], model="base", seeds="-"))
-        # the unlearning runs' start adapter, evaluated in their runs as the ``warmup`` row (the same adapter)
-        start = [r for r in runs if r["value"] == value and r["start"] != "zero" and _cell(r["new"], WARMUP, "IPD", "random")]
-        if start:
-            lines.append(_row([value, start[0]["start"], "the start adapter, untrained further", "", ""],
-                              start[:1], model=WARMUP, seeds="-"))
     return "\n".join(lines)
 
 

@@ -191,4 +191,5 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     assert "0.20 / 0.20 / 0.20 / 0.20 / 0.20 |" in table  # utilitarian regret, not the deontological 0.10
     assert table.index("| deontological |  | base") < table.index("| utilitarian | zero")
     # zero-start rows before Game-trained ones; PPO before DPO before the reward model
-    assert table.index("PPO (intrinsic)") < table.index("| DPO |") < table.index("Game-trained")
+    assert table.index("PPO (intrinsic)") < table.index("| DPO |") < table.index("Game-trained | the start")
+    assert table.index("Game-trained | the start") < table.index("Game-trained | reward model") < table.index("base")
