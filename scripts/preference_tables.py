@@ -72,6 +72,10 @@ def _cell(cells: list[dict], model: str, game: str, opponent: str) -> dict | Non
     return next((c for c in cells if (c["model"], c["game"], c["opponent"]) == (model, game, opponent)), None)
 
 
+def _value(cells: list[dict], model: str, game: str, opponent: str, metric: str) -> float | None:
+    return (_cell(cells, model, game, opponent) or {}).get(f"{metric}_mean")
+
+
 def _stat(runs: list[dict], value) -> str:
     vals = [v for v in (value(r) for r in runs) if v is not None]
     if not vals:
@@ -82,19 +86,17 @@ def _stat(runs: list[dict], value) -> str:
 
 def _row(label: list[str], runs: list[dict], model: str = "agent_0", seeds: str | None = None) -> str:
     cols = []
-    train = [_stat(runs, lambda r, t=t: (_cell(r["train"], model, "IPD", "tft") or {}).get(f"{t}_mean")) for t in TYPES]
-    cols.append(" / ".join(train))
-    cols.append(_stat(runs, lambda r: (_cell(r["new"], model, "IPD", "tft") or {}).get("cooperation_mean")))
+    cols.append(" / ".join(_stat(runs, lambda r, t=t: _value(r["train"], model, "IPD", "tft", t)) for t in TYPES))
+    cols.append(_stat(runs, lambda r: _value(r["new"], model, "IPD", "tft", "cooperation")))
     cols.append(_stat(runs, lambda r: _mean_over_games(r["new"], model, "cooperation")))
-    regret = f"regret_{label[0]}_mean"  # the row's own value
-    cols.append(" / ".join(_stat(runs, lambda r, g=g: (_cell(r["new"], model, g, "random") or {}).get(regret))
-                           for g in GAMES))
+    regret = f"regret_{label[0]}"  # the row's own value
+    cols.append(" / ".join(_stat(runs, lambda r, g=g: _value(r["new"], model, g, "random", regret)) for g in GAMES))
     seeds = seeds or ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
     return f"| {' | '.join(label)} | {seeds} | {' | '.join(cols)} |"
 
 
 def _mean_over_games(cells: list[dict], model: str, metric: str) -> float | None:
-    vals = [(_cell(cells, model, g, "random") or {}).get(f"{metric}_mean") for g in GAMES]
+    vals = [_value(cells, model, g, "random", metric) for g in GAMES]
     return statistics.fmean(vals) if all(v is not None for v in vals) else None
 
 
