@@ -12,7 +12,8 @@ noise 0 when absent (``configs/dpo_deontological.yaml``'s). ``run.json``'s ``bud
 A run folder holds ``eval/summary.json`` (new tokens, vs Random and TFT, five games) and
 ``eval_training_tokens/summary.json`` (IPD, vs TFT); the quickstart run keeps the first at its top level.
 A run started from an adapter (``init_adapter``) also evaluates that adapter, as the ``warmup`` model: the table
-shows it once, as the start of the unlearning rows. Other folders of ``extras/`` are not preference runs.
+shows it once per distinct ``run.json`` ``init_adapter`` (seeds of the unlearning cells start from seed-matched Game
+adapters), averaged over those, as the start of the unlearning rows. Other folders of ``extras/`` are not preference runs.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def load_preference_runs(extras: Path) -> list[dict]:
             cell["labels"] = int(info.get("budget", cell["labels"]))
             cell["noise"] = float(info.get("noise", cell["noise"]))
         cell["seed"] = int(info.get("seed", cell["seed"]))
-        runs.append({**cell, "name": d.name, "new": new["cells"],
+        runs.append({**cell, "name": d.name, "new": new["cells"], "init_adapter": info.get("init_adapter"),
                      "train": (_summary(d / "eval_training_tokens" / "summary.json") or {}).get("cells", [])})
     return runs
 
@@ -122,14 +123,16 @@ def preference_table(extras: Path) -> str:
     first = min(runs, key=lambda r: r["name"])
     for value in sorted({r["value"] for r in runs}):
         keys = sorted((k for k in groups if k[0] == value), key=order)
-        # the unlearning runs' start adapter, evaluated in their runs as the ``warmup`` model (the same adapter),
-        # just before the rows that start from it
-        start = [r for r in runs if r["value"] == value and r["start"] != "zero" and _cell(r["new"], WARMUP, "IPD", "random")]
+        # the unlearning runs' start adapters, evaluated in their runs as the ``warmup`` model: one run per distinct
+        # adapter (every run from an adapter evaluates it the same way), just before the rows that start from them
+        start = list({r["init_adapter"]: r for r in sorted(runs, key=lambda r: r["name"], reverse=True)
+                      if r["value"] == value and r["start"] != "zero"
+                      and _cell(r["new"], WARMUP, "IPD", "random")}.values())
         for k in keys:
             _, begin, route, labels, noise = k
             if start and begin == start[0]["start"]:
-                lines.append(_row([value, begin, "the start adapter, untrained further", "", ""], start[:1],
-                                  model=WARMUP, seeds="-"))
+                lines.append(_row([value, begin, "the start adapter, untrained further", "", ""], start,
+                                  model=WARMUP))
                 start = []
             lines.append(_row([value, begin, route, "-" if labels is None else str(labels),
                                "-" if noise is None else f"{noise:.0%}"], groups[k]))

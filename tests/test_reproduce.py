@@ -141,14 +141,15 @@ def test_learner_tables_come_from_the_benchmark_files(tmp_path):
     assert "| game | 8 | 0 | 1/1 | 320 |" in topk
 
 
-def _pref_run(root, name, coop, train_cc=1.0, regret=0.5, top_level=False, info=None, models=("agent_0", "base")):
+def _pref_run(root, name, coop, train_cc=1.0, regret=0.5, top_level=False, info=None, models=("agent_0", "base"),
+              start=0.05):
     """A preference run folder: new-token cells (5 games vs Random, IPD vs TFT) and training-token cells."""
     d = root / name
     cells = [{"model": m, "game": g, "opponent": "random", "cooperation_mean": c, "regret_deontological_mean": regret,
               "regret_utilitarian_mean": 2 * regret}
-             for m, c in zip(models, (coop, 0.7, 0.05)) for g in ("IPD", "ISH", "ICN", "BOS", "ICD")]
+             for m, c in zip(models, (coop, 0.7, start)) for g in ("IPD", "ISH", "ICN", "BOS", "ICD")]
     cells += [{"model": m, "game": "IPD", "opponent": "tft", "cooperation_mean": c} for m, c in
-              zip(models, (coop, 0.7, 0.05))]
+              zip(models, (coop, 0.7, start))]
     train = [{"model": m, "game": "IPD", "opponent": "tft", "C|C_mean": cc, "C|D_mean": 1 - cc, "D|C_mean": 0.0,
               "D|D_mean": 0.0} for m, cc in (("agent_0", train_cc), ("base", 0.5))]
     (d if top_level else d / "eval").mkdir(parents=True)
@@ -166,7 +167,12 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     _pref_run(extras, "dpo_deontological", 0.2)
     _pref_run(extras, "dpo_deontological_s1", 0.4, info={"seed": 1})
     _pref_run(extras, "dpo_deontological_n30", 0.8, info={"budget": 512, "noise": 0.3})
-    _pref_run(extras, "rm_ppo_unlearning_deontological", 0.6, regret=0.25, models=("agent_0", "base", "warmup"))
+    unl = {"models": ("agent_0", "base", "warmup")}
+    _pref_run(extras, "rm_ppo_unlearning_deontological", 0.6, regret=0.25, info={"init_adapter": "game/seed0"}, **unl)
+    # seed 1 starts from another Game adapter (start 0.15); DPO from seed 0's again: counted once
+    _pref_run(extras, "rm_ppo_unlearning_deontological_s1", 0.6, regret=0.25, start=0.15,
+              info={"seed": 1, "init_adapter": "game/seed1"}, **unl)
+    _pref_run(extras, "dpo_unlearning_deontological", 0.5, info={"init_adapter": "game/seed0"}, **unl)
     _pref_run(extras, "quickstart_top8", 0.1)  # a LoRA-layer run: not a preference cell
     _pref_run(extras, "pgg_deontological", 0.1)
     _pref_run(extras, "ppo_utilitarian", 0.95, regret=0.1)  # the intrinsic utilitarian reward: its own regret
@@ -176,16 +182,18 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     table = doc.read_text().split("generated:begin preference")[1].split("generated:end preference")[0]
     assert "old" not in table
     rows = [line for line in table.splitlines() if line.startswith(("| deontological", "| utilitarian"))]
-    assert len(rows) == 8  # ppo, dpo (2 seeds), dpo 30%, rm_ppo from Game, base, the Game start; utilitarian ppo, base
-    assert "| deontological | Game-trained | the start adapter, untrained further |  |  | - |" in table
-    assert "| 0.05 | 0.05 |" in table  # the start adapter's cooperation (its `warmup` cells)
+    # ppo, dpo (2 seeds), dpo 30%, the Game start, dpo and rm_ppo (2 seeds) from it, base; utilitarian ppo, base
+    assert len(rows) == 9
+    # the start adapter's cooperation (its `warmup` cells), once per distinct adapter: mean 0.10, CI 0.098
+    assert "| deontological | Game-trained | the start adapter, untrained further |  |  | 0, 1 |" in table
+    assert "| 0.10 ± 0.10 | 0.10 ± 0.10 |" in table
     # two seeds of one cell: mean 0.30, CI 1.96 * sd / sqrt(2) = 1.96 * 0.1414 / 1.414 = 0.196
     assert ("| deontological | zero | DPO | 512 | 0% | 0, 1 | 1.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 / 0.00 ± 0.00 | "
             "0.30 ± 0.20 | 0.30 ± 0.20 |") in table
     assert "| deontological | zero | DPO | 512 | 30% | 0 |" in table
     assert "| deontological | zero | PPO (intrinsic) | - | - | 0 |" in table
-    assert "| deontological | Game-trained | reward model + PPO | 512 | 0% | 0 |" in table
-    assert "0.25 / 0.25 / 0.25 / 0.25 / 0.25 |" in table
+    assert "| deontological | Game-trained | reward model + PPO | 512 | 0% | 0, 1 |" in table
+    assert " / ".join(["0.25 ± 0.00"] * 5) + " |" in table  # rm_ppo from Game, 2 seeds
     assert "| deontological |  | base (no adapter) |  |  | - | 0.50 / 0.50 / 0.00 / 0.00 | 0.70 | 0.70 |" in table
     assert "| utilitarian | zero | PPO (intrinsic) | - | - | 0 |" in table
     assert "0.20 / 0.20 / 0.20 / 0.20 / 0.20 |" in table  # utilitarian regret, not the deontological 0.10
