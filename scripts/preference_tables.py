@@ -125,9 +125,11 @@ def preference_table(extras: Path) -> str:
         keys = sorted((k for k in groups if k[0] == value), key=order)
         # the unlearning runs' start adapters, evaluated in their runs as the ``warmup`` model: one run per distinct
         # adapter (every run from an adapter evaluates it the same way), just before the rows that start from them
-        start = list({r["init_adapter"]: r for r in sorted(runs, key=lambda r: r["name"], reverse=True)
-                      if r["value"] == value and r["start"] != "zero"
-                      and _cell(r["new"], WARMUP, "IPD", "random")}.values())
+        by_adapter: dict = {}
+        for r in sorted(runs, key=lambda r: r["name"]):
+            if r["value"] == value and r["start"] != "zero" and _cell(r["new"], WARMUP, "IPD", "random"):
+                by_adapter.setdefault(r["init_adapter"], r)
+        start = list(by_adapter.values())
         for k in keys:
             _, begin, route, labels, noise = k
             if start and begin == start[0]["start"]:
