@@ -91,7 +91,8 @@ def run_one(args, learner: str, reward: str, seed: int) -> dict:
     pl.seed_everything(seed)
     m = MoralPPO(model=args.model, dtype=args.dtype, agents=[AgentConfig("agent_0", reward)], opponent="tft",
                  rounds_per_episode=args.rounds, episodes_per_iteration=args.games, iterations_per_epoch=1,
-                 action_mode="constrained", lr=2e-4, lora=LoraSpec(r=8, alpha=16, dropout=0.0, layers=args.lora_layers), value_head_dropout=0.0,
+                 action_mode="constrained", lr=2e-4,
+                 lora=LoraSpec(r=8, alpha=16, dropout=0.0, layers=args.lora_layers), value_head_dropout=0.0,
                  ppo=PPOConfig(ppo_epochs=4, minibatches=1, init_kl_coef=0.05, kl_penalty="fixed"),
                  algorithm=learner, seed=seed, run_name=f"{learner}-{reward}-{seed}")
     rec = _Record(reward, stop=not args.no_stop)
@@ -104,7 +105,8 @@ def run_one(args, learner: str, reward: str, seed: int) -> dict:
         wall = time.perf_counter() - t0
     hit = rec.hit
     return {"learner": learner, "reward": reward, "seed": seed, "model": args.model, "games": args.games,
-            "rounds": args.rounds, "lora_layers": args.lora_layers, "iterations_run": len(rec.rows), "wall_s": wall, "reached": hit is not None,
+            "rounds": args.rounds, "lora_layers": args.lora_layers, "iterations_run": len(rec.rows), "wall_s": wall,
+            "reached": hit is not None,
             "episodes_to_criterion": hit["episode"] if hit else None,
             "wall_s_to_criterion": hit["wall_s"] if hit else None,
             "final_action_types": rec.rows[-1]["action_types"], "per_iteration": rec.rows}
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                 done.append(rec)
                 print(f"{learner} {reward} seed {seed}: reached={rec['reached']} "
                       f"episodes={rec['episodes_to_criterion']} wall={rec['wall_s']:.1f}s", file=sys.stderr)
-    mine = [r for r in done if key(r)[3:] == (args.model, args.games, args.rounds, args.lora_layers) and r["learner"] in args.learners
+    mine = [r for r in done
+            if key(r)[3:] == (args.model, args.games, args.rounds, args.lora_layers) and r["learner"] in args.learners
             and r["reward"] in args.rewards and r["seed"] in args.seeds]
     summary = {"model": args.model, "threads": torch.get_num_threads(), "lora_layers": args.lora_layers,
                "summary": summarize(mine)}

@@ -10,8 +10,9 @@ Fields: ``ours`` / ``hf_generate``: ``seconds``, ``generated_tokens`` (up to and
 ``agent_moves_per_s`` (answers per second); ``speedup`` (our tokens/s over generate's); ``ours_with_reference``:
 the rollout as training runs it (plus the KL reference's teacher-forced pass); ``answers``: legal and illegal
 shares and mean length of the answers run to EOS / ``--new-tokens`` and, from the same draws, with
-``stop_at_action`` (each answer ends at its first completed ``Action:`` line; the rollout's default); ``update``: seconds of one forward
-and backward of the update's per-token scoring over ``--update-samples`` of the answers, and per generated token.
+``stop_at_action`` (each answer ends at its first completed ``Action:`` line; the rollout's default); ``update``:
+seconds of one forward and backward of the update's per-token scoring over ``--update-samples`` of the answers, and
+per generated token.
 """
 
 from __future__ import annotations

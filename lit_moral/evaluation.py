@@ -83,6 +83,11 @@ class EvalConfig:
             else the first opponent).
         output_dir: where files go (None: ``<log dir>/evaluation``).
         plots: write PNG plots (and log them to TensorBoard).
+        cut_illegal: free mode: stop generating an answer at the first token after which it can no longer be legal
+            (no continuation can make it an exact match); its action is the one full generation gives (illegal)
+            and every other answer, and every random draw, is unchanged (``ActionSampler.cut_illegal``); only the
+            ``answer`` column of ``rounds.csv`` shows that answer's text up to there. False: every answer is
+            generated to ``max_new_tokens``.
     """
 
     episodes: int = 10
@@ -99,6 +104,7 @@ class EvalConfig:
     report_opponent: str | None = None
     output_dir: str | None = None
     plots: bool = True
+    cut_illegal: bool = True
 
     def __post_init__(self) -> None:
         for name in ("episodes", "rounds"):
@@ -235,7 +241,7 @@ def evaluate(module, cfg: EvalConfig, run: int = 0) -> list[dict]:
                     # Prompts without a payoff table are the same in every game: run them once per run.
                     sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
                         policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
-                        with_reference=False, **_sampling(module)))
+                        with_reference=False, cut_illegal=cfg.cut_illegal, **_sampling(module)))
                     sampler.warm(sorted({p for _, p in models} | ({*module.agent_names} if not persona else set())))
                     for label, player in models:
                         for opp in opponents_of(module, cfg, player, persona):
@@ -269,7 +275,7 @@ def _public_goods_cells(module, cfg: EvalConfig, game: pgg.PublicGoodsGame, samp
             renderer = pgg.PublicGoodsRenderer(module.tokenizer, game, style_for(module, cfg, variant, persona))
             sampler = samplers.setdefault(tuple(renderer.texts), _EvalSampler(
                 module.policy, renderer, module.hparams.action_mode, module.hparams.max_new_tokens,
-                with_reference=False, **_sampling(module)))
+                with_reference=False, cut_illegal=cfg.cut_illegal, **_sampling(module)))
             sampler.warm(sorted({p for _, p in models}), len(renderer.token_ids))
             for label, player in models:
                 for opp in [o for o in opponents_of(module, cfg, player, persona) if o in pgg.EVAL_CONTRIBUTORS]:

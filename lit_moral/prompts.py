@@ -82,6 +82,17 @@ def parse_action(text: str, actions: Sequence[str]) -> int:
     return ILLEGAL
 
 
+def may_become_legal(text: str, actions: Sequence[str]) -> bool:
+    """Whether text generated so far can still parse to a legal action once more text is appended (parse_action:
+    the whitespace-stripped whole answer equals an action string). False only when no continuation can make it
+    legal: its text without leading whitespace is neither a prefix of an action string nor an action string followed
+    by whitespace. Text with an undecodable byte (U+FFFD, a character split across tokens) counts as live."""
+    if "\ufffd" in text:
+        return True
+    t = text.lstrip()
+    return any(a.startswith(t) or (t.startswith(a) and not t[len(a):].strip()) for a in actions)
+
+
 def prompt_id(prev_me: torch.Tensor, prev_other: torch.Tensor, order_1: torch.Tensor,
               order_2: torch.Tensor) -> torch.Tensor:
     """``[B]`` prompt ids from four ``[B]`` bit tensors; with ``[B, k]`` histories (oldest first) of memory k, the
@@ -311,6 +322,13 @@ class PromptRenderer:
         if self.style.answer == "reason":
             return parse_reasoned(text, self.style.actions)[0]
         return parse_action(text, self.style.actions)
+
+    def may_become_legal(self, token_ids: Sequence[int]) -> bool:
+        """Whether an answer that starts with ``token_ids`` can still be legal (:func:`may_become_legal`; the reason
+        format: always)."""
+        if self.style.answer == "reason":
+            return True
+        return may_become_legal(self.tokenizer.decode(list(token_ids), skip_special_tokens=True), self.style.actions)
 
 
 def chat(tokenizer, text: str, system: str | None = None) -> str:

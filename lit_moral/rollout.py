@@ -115,6 +115,16 @@ class ActionSampler:
             sequence with full-vocabulary logits, nothing shared or memoised.
         top_p: reason mode: nucleus sampling mass.
         stop_at_action: reason mode: a row stops generating at its first completed ``Action:`` line.
+        cut_illegal: free mode: a row whose text can no longer become legal
+            (:meth:`~lit_moral.prompts.PromptRenderer.may_become_legal`) gets no more forwards and no more tokens:
+            its action (illegal) is the one the full path gives, its response ends at that token. It still takes
+            one draw per remaining step from the sampling stream, from a uniform stand-in of the vocabulary's size
+            (a draw consumes the stream by the vocabulary's size, whatever the probabilities), so with
+            ``max_new_tokens`` 2 every other sample is the full path's; with more, the full row could have stopped
+            at end-of-text before the stand-ins do, and later draws differ (same distribution). For the
+            evaluation, which reads actions only; training keeps whole responses (their log-probs are trained).
+        prefetch: free mode: a prompt's first step also runs the step after each legal answer's first token
+            (:meth:`_resolve`); False: the path without it (benchmarks).
     """
 
     policy: Policy
@@ -125,6 +135,8 @@ class ActionSampler:
     naive: bool = False
     top_p: float = 1.0
     stop_at_action: bool = True
+    cut_illegal: bool = False
+    prefetch: bool = True
     _memo: dict = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -132,7 +144,12 @@ class ActionSampler:
         self._memo.clear()
 
     def _resolve(self, keys: Sequence[tuple[str, int, tuple[int, ...]]]) -> None:
-        """Compute missing memo entries ``(adapter, pid, prefix)`` in one mixed-adapter forward."""
+        """Compute missing memo entries ``(adapter, pid, prefix)`` in one mixed-adapter forward. Free mode: a
+        prompt's first step also computes the step after the first token of each legal answer (in the same
+        forward, sharing the prompt's cache), the path a model that answers legally takes next."""
+        if self.mode == "free" and self.prefetch and not self.naive and self.max_new_tokens > 1:
+            firsts = sorted({ids[0] for ids in self.renderer.action_ids if len(ids) > 1})
+            keys = [*keys, *((a, p, (f,)) for a, p, pre in keys if not pre for f in firsts)]
         missing = sorted({k for k in keys if k not in self._memo})
         if not missing or self.mode == "reason":  # reason mode generates without the memo
             return
@@ -236,18 +253,23 @@ class ActionSampler:
             n = pid.shape[0]
             state.append(([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
                           [[] for _ in range(n)], [[] for _ in range(n)], [False] * n))
+        cut = [[False] * pid.shape[0] for _, pid in requests]  # cut_illegal: rows that can no longer be legal
         for _ in range(self.max_new_tokens):
-            keys = []
-            for (a, pid), (resp, *_, done) in zip(requests, state):
+            keys, waiting = [], False
+            for (a, pid), (resp, *_, done), dead in zip(requests, state, cut):
                 for j, p in enumerate(pid.tolist()):
-                    if not done[j]:
+                    if not done[j] and not dead[j]:
                         keys += [(x, p, tuple(resp[j])) for x in adapters(a)]
-            if not keys:
+                    waiting |= not done[j]
+            if not waiting:
                 break
             self._resolve(keys)
-            for (a, pid), (resp, lps, refs, vals, ents, done) in zip(requests, state):
+            for (a, pid), (resp, lps, refs, vals, ents, done), dead in zip(requests, state, cut):
                 for j, p in enumerate(pid.tolist()):
                     if done[j]:
+                        continue
+                    if dead[j]:  # keep the sampling stream where the full path leaves it
+                        torch.multinomial(torch.ones(self._memo[(a, p, ())][0].shape[-1]), 1, generator=generator)
                         continue
                     dist, value = self._memo[(a, p, tuple(resp[j]))]
                     tok = int(torch.multinomial(dist.exp(), 1, generator=generator))
@@ -257,6 +279,8 @@ class ActionSampler:
                     ents[j].append(-(dist.exp() * dist).sum())
                     resp[j].append(tok)
                     done[j] = tok == eos
+                    if self.cut_illegal and not done[j]:
+                        dead[j] = not self.renderer.may_become_legal(resp[j])
         moves = []
         for resp, lps, refs, vals, ents, _ in state:
             action = torch.tensor([self.renderer.parse(r) for r in resp], dtype=torch.long)

@@ -193,7 +193,8 @@ class FormatWarmup(pl.LightningModule):
         try:
             for pair in MEASURE_PAIRS:
                 r = self.renderer(pair, MatrixGame.from_spec(game))
-                sampler = ActionSampler(self.policy, r, "free", self.hparams.max_new_tokens, with_reference=False)
+                sampler = ActionSampler(self.policy, r, "free", self.hparams.max_new_tokens, with_reference=False,
+                                        cut_illegal=True)
                 pid = torch.arange(N_PROMPT_IDS).repeat(self.hparams.measure_samples)
                 (moves,) = sampler.act([("agent_0", pid)], gen)
                 label = _label(pair)

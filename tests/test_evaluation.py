@@ -287,6 +287,26 @@ def test_same_seed_gives_identical_rounds_csv(tmp_path, tiny_policy_module):
     assert len(rows) == 2 * 2 * (3 + 3 + 4) * 4 * 3
 
 
+def test_cut_illegal_answers_leave_every_action_and_draw_unchanged():
+    """Free mode: the evaluation's cut (stop an answer once it can no longer be legal) vs full generation, same
+    seed: every round's moves, payoffs and regrets are equal; cut answers are the start of the full ones. Two new
+    tokens, the paper's (with more, a full answer can end at end-of-text before the cut one's stand-in draws do)."""
+    from tests.helpers import tiny_module
+
+    m = tiny_module(action_mode="free", max_new_tokens=2)
+    m.configure_model()
+    cfg = dict(episodes=6, rounds=3, games=["IPD", "BOS"], opponents=["random", "tft"], variants=["new_tokens"],
+               plots=False)
+    rows = {cut: evaluate(m, EvalConfig(**cfg, cut_illegal=cut)) for cut in (False, True)}
+    assert len(rows[True]) == len(rows[False]) == 2 * 2 * 2 * 6 * 3  # agent_0 and base
+    shorter = 0
+    for full, cut in zip(rows[False], rows[True]):
+        assert {k: v for k, v in cut.items() if k != "answer"} == {k: v for k, v in full.items() if k != "answer"}
+        assert full["answer"].startswith(cut["answer"])
+        shorter += len(cut["answer"]) < len(full["answer"])
+    assert shorter > len(rows[True]) / 4  # cut in 54 of 144 rounds (byte tokens that decode to U+FFFD stay live)
+
+
 def test_eval_config_rejects_bad_values_by_name():
     with pytest.raises(ConfigError, match="evaluation.games"):
         EvalConfig(games=["PD"])

@@ -158,6 +158,16 @@ def test_batched_memoised_rollout_equals_one_at_a_time(tiny, mode):
         torch.testing.assert_close(fast._memo[k][0], slow._memo[k][0], rtol=1e-5, atol=1e-5)
         if k[0] != BASE:
             torch.testing.assert_close(fast._memo[k][1], slow._memo[k][1], rtol=1e-5, atol=1e-5)
+    if mode == "free":  # a first step alone also fills the step after each legal answer's first token, exactly
+        fresh = ActionSampler(pol, r, mode)
+        with torch.no_grad():
+            fresh._resolve([(a, p, ()) for a in ("agent_0", BASE) for p in (0, 9)])
+        first = r.action_ids[0][:1]
+        assert r.action_ids[1][:1] == first and len(fresh._memo) == 2 * 2 * 2
+        for a in ("agent_0", BASE):
+            for p in (0, 9):
+                torch.testing.assert_close(fresh._memo[(a, p, tuple(first))][0], slow._memo[(a, p, tuple(first))][0],
+                                           rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("active", ["agent_0", "agent_1"])
@@ -234,3 +244,54 @@ def test_shared_trunk_equals_the_all_layers_path(tiny, mode, checkpointing):
         pol.trunk = trunk
         got = pol.candidate_logprobs(prompts, r.action_ids)["seq_logp"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("all_dead", [False, True])
+def test_cut_illegal_gives_the_full_paths_actions_and_draws(tiny, all_dead):
+    """Free mode with ``cut_illegal``: a stand-in policy with known next-token distributions (legal answers, dead
+    first tokens, live prefixes that die later; or every first token dead); every action, every legal answer, every
+    draw before a cut and the stream left after it equal the full path's; cut rows stop at their dead token and need
+    no forwards after it."""
+    from lit_moral.games import ILLEGAL
+    from lit_moral.rollout import ActionSampler
+
+    _, tok = tiny
+    r = PromptRenderer(tok, MatrixGame.from_spec("IPD"))
+    (c1, c2, c3, c4), d4 = r.action_ids[0], r.action_ids[1][3]
+    vocab = len(tok)
+    dead = [t for t in range(100, vocab) if not r.may_become_legal([t]) and not r.may_become_legal([c1, c2, t])][:4]
+    assert len(dead) == 4 and r.may_become_legal([c1, c2])
+
+    def dist(prefix):  # log-probs; no end-of-text, so a full row always runs to max_new_tokens
+        first = {dead[0]: .5, dead[1]: .5} if all_dead else {c1: .4, dead[0]: .3, dead[1]: .3}
+        mass = {(): first, (c1,): {c2: .5, dead[2]: .5}, (c1, c2): {c3: .6, dead[3]: .4},
+                (c1, c2, c3): {c4: .5, d4: .5}}.get(tuple(prefix), {t: .01 for t in range(100, 200)})
+        p = torch.zeros(vocab)
+        p[list(mass)] = torch.tensor(list(mass.values()))
+        return (p / p.sum()).log()
+
+    class StandIn(ActionSampler):
+        def _resolve(self, keys):
+            self.asked = getattr(self, "asked", set()) | set(keys)
+            for k in keys:
+                self._memo.setdefault(k, (dist(k[2]), torch.tensor(0.0)))
+
+    pid = torch.arange(16).repeat(25)
+    out = {}
+    for cut in (False, True):
+        s = StandIn(None, r, "free", max_new_tokens=4, with_reference=False, cut_illegal=cut)
+        g = torch.Generator().manual_seed(3)
+        (moves,) = s.act([("agent_0", pid)], g)
+        out[cut] = (moves, s.asked, torch.rand(4, generator=g))  # where the stream was left
+    (full, full_keys, full_next), (cut, cut_keys, cut_next) = out[False], out[True]
+    assert torch.equal(cut.action, full.action) and torch.equal(cut_next, full_next)
+    assert {int(a) for a in full.action.unique()} == ({ILLEGAL} if all_dead else {0, 1, ILLEGAL})
+    legal = full.action != ILLEGAL
+    for j in range(len(pid)):
+        f, c = full.responses[j], cut.responses[j]
+        assert len(f) == 4 and f[:len(c)] == c
+        assert (c == f) if legal[j] else (len(c) < 4 or not r.may_become_legal(c))
+        torch.testing.assert_close(torch.stack(list(cut.logp[j])), torch.stack(list(full.logp[j]))[:len(c)])
+    assert sum(len(c) < 4 for c in cut.responses) > 100  # the cut happened, at every depth
+    assert {len(c) for c in cut.responses} == ({1} if all_dead else {1, 2, 3, 4})
+    assert cut_keys < full_keys and all(r.may_become_legal(k[2]) for k in cut_keys)

@@ -11,6 +11,7 @@ from lit_moral.prompts import (
     N_PROMPT_IDS,
     PromptRenderer,
     PromptStyle,
+    may_become_legal,
     parse_action,
     prompt_bits,
     prompt_id,
@@ -193,6 +194,27 @@ def test_renderer_parse(renderer, tiny):
     assert renderer.parse(tok("action3", add_special_tokens=False).input_ids) == ILLEGAL
 
 
+@pytest.mark.parametrize("text, live", [
+    ("", True), ("  ", True), ("a", True), (" act", True), ("action", True), ("action2", True), ("action1 \n", True),
+    ("\u00e9\ufffd", True),  # a character split across tokens may still decode to anything
+    ("action12", False), ("action3", False), ("b", False), ("The", False), ("action1 x", False), ("I would", False),
+])
+def test_may_become_legal_exactly_when_some_continuation_parses(text, live):
+    assert may_become_legal(text, ACTS) is live
+    # the definition, checked by brute force over short continuations built from the answers' own characters
+    if "\ufffd" not in text:
+        tails = ["", " ", "\n", "1", "2", "n", "on", "ion1", "tion1", "ction2", "action1", "n1 ", "1 \n"]
+        assert any(parse_action(text + t, ACTS) != ILLEGAL for t in tails) is live
+
+
+def test_renderer_may_become_legal_reads_the_decoded_tokens(renderer, tiny):
+    _, tok = tiny
+    ids = tok("action1", add_special_tokens=False).input_ids
+    assert all(renderer.may_become_legal(ids[:k]) for k in range(len(ids) + 1))
+    assert not renderer.may_become_legal(tok("action15", add_special_tokens=False).input_ids)
+    assert not renderer.may_become_legal(tok("no", add_special_tokens=False).input_ids)
+
+
 def test_sample_ids_shuffles_orders(renderer):
     n = 4000
     g = torch.Generator().manual_seed(0)
@@ -363,14 +385,14 @@ def test_memory_two_prompts_show_both_rounds_and_keep_the_newest_in_bits_3_and_2
 
 def test_memory_histories_in_play(tiny):
     """Every round's prompt shows the players' real last k moves (oldest first); TFT still copies the newest."""
+    import copy
+
     from lit_moral.opponents import make_opponent
     from lit_moral.policy import LoraSpec, Policy
     from lit_moral.prompts import history_of
     from lit_moral.rewards import RewardSpec
     from lit_moral.rollout import ActionSampler, Match, play
     from lit_moral.seeding import Streams
-
-    import copy
 
     pol = Policy(copy.deepcopy(tiny[0]), ["agent_0"], LoraSpec(r=4, alpha=8))
     pol.eval()
