@@ -15,6 +15,8 @@ real token sees exactly the tokens it would see in a plain full-sequence forward
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -217,7 +219,8 @@ class Policy(nn.Module):
         dtype = self.lm_head.weight.dtype
         mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        kwargs[_cache_name(type(decoder or self.decoder))] = cache
         if embeds is not None:  # the top layers of a shared trunk: inputs are the trunk's hidden states
             kwargs["inputs_embeds"] = torch.stack([pad_steps(e.T, t).T for e in embeds])
             del kwargs["input_ids"]
@@ -226,7 +229,7 @@ class Policy(nn.Module):
             self._adapters(adapters)
         with context:
             out = (decoder or self.decoder)(**kwargs)
-        return out.last_hidden_state, out.past_key_values, key_mask, start + lens
+        return out.last_hidden_state, out[_cache_name(type(decoder or self.decoder))], key_mask, start + lens
 
     def _adapters(self, adapters: Sequence[str]):
         """Run each row under its named adapter, whatever adapter happens to be active.
@@ -504,3 +507,10 @@ class Policy(nn.Module):
                 rows_val.append(vals[0])
         logp, mask = pad_rows(rows_logp)
         return {"logp": logp, "values": pad_rows(rows_val)[0], "entropy": pad_rows(rows_ent)[0], "mask": mask}
+
+
+@functools.cache
+def _cache_name(decoder_type: type) -> str:
+    """The key/value cache's keyword (and output field): ``cache`` since transformers 5.x renamed it, the old
+    ``past_key_values`` before (which 5.x still takes, with a deprecation warning on every run)."""
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
