@@ -161,7 +161,11 @@ class Policy(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute decoder layers in the backward pass (large models); update forwards then run whole
         sequences instead of the prefix tree, since checkpointed layers drop KV caches."""
-        self.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = self.model.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.flat_when_training = True
 
     def activate(self, agent: str) -> None:
