@@ -223,8 +223,9 @@ class Policy(nn.Module):
         dtype = self.lm_head.weight.dtype
         mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        net = decoder or self.decoder
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        kwargs[_cache_name(type(decoder or self.decoder))] = cache
+        kwargs[_cache_name(type(net))] = cache
         if embeds is not None:  # the top layers of a shared trunk: inputs are the trunk's hidden states
             kwargs["inputs_embeds"] = torch.stack([pad_steps(e.T, t).T for e in embeds])
             del kwargs["input_ids"]
@@ -232,8 +233,8 @@ class Policy(nn.Module):
         context = contextlib.nullcontext() if self.trunk is not None and decoder is self.trunk.bottom else \
             self._adapters(adapters)
         with context:
-            out = (decoder or self.decoder)(**kwargs)
-        return out.last_hidden_state, out[_cache_name(type(decoder or self.decoder))], key_mask, start + lens
+            out = net(**kwargs)
+        return out.last_hidden_state, out[_cache_name(type(net))], key_mask, start + lens
 
     def _adapters(self, adapters: Sequence[str]):
         """Run each row under its named adapter, whatever adapter happens to be active.
