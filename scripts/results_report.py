@@ -209,8 +209,9 @@ def findings_table(runs: dict, regime: str) -> str:
         "share of C\\|C at the end (>= 0.4; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
     add("Unlearning vs TFT (Game, then Utilitarian): C\\|C recovers to ~40-50%", "unlearning_utilitarian_vs_tft",
         "share of C\\|C at the end (>= 0.4; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
-    add("Unlearning vs LLM: later, partial recovery", "unlearning_deontological_vs_llm",
-        "share of C\\|C at the end (Deontological; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
+    for c, value in (("unlearning_deontological_vs_llm", "Deontological"), ("unlearning_utilitarian_vs_llm", "Utilitarian")):
+        add(f"Unlearning vs LLM (Game, then {value}): later, partial recovery", c,
+            "share of C\\|C at the end (agent_0; partly >= 0.15)", lambda rs, a: _share(rs, a, ["C|C"]), 0.4, 0.15)
     if regime == "constrained":  # the choice is between the two legal strings: nothing to vanish
         rows.append("| Illegal answers vanish within a few dozen episodes | illegal share | not applicable: constrained "
                     "choice cannot answer illegally | not tested |")
