@@ -22,21 +22,29 @@ from lit_moral.evaluation import load_weights  # noqa: E402
 from lit_moral.prompts import prompt_bits  # noqa: E402
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) < 2:
-        raise SystemExit(__doc__)
-    module = cli_main(["--config", _model_config(argv[0])], run=False).model
+def policy_probs(config: str, ckpts: list[str]) -> tuple[list[tuple[int, int, int, int]], dict[str, list[float]]]:
+    """``(prompt bits by id, {checkpoint: P(C) by prompt id})`` of the run config's first agent."""
+    module = cli_main(["--config", _model_config(config)], run=False).model
     module.configure_model()
     module.policy.eval()
     r = module.renderer
     agent = module.agent_names[0]
-    print("prompt id bits (me, other, order_1, order_2):", [prompt_bits(p) for p in range(r.n_ids)])
-    for ckpt in argv[1:]:
+    out: dict[str, list[float]] = {}
+    for ckpt in ckpts:
         load_weights(module, ckpt)
         with torch.no_grad():
-            out = module.policy.candidate_logprobs([(agent, r.token_ids[p]) for p in range(r.n_ids)], r.action_ids)
-        pc = torch.softmax(out["seq_logp"], -1)[:, 0]
-        print(f"{ckpt}: P(C) by prompt id:", " ".join(f"{x:.4f}" for x in pc.tolist()))
+            lp = module.policy.candidate_logprobs([(agent, r.token_ids[p]) for p in range(r.n_ids)], r.action_ids)
+        out[ckpt] = torch.softmax(lp["seq_logp"], -1)[:, 0].tolist()
+    return [prompt_bits(p) for p in range(r.n_ids)], out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        raise SystemExit(__doc__)
+    bits, probs = policy_probs(argv[0], argv[1:])
+    print("prompt id bits (me, other, order_1, order_2):", bits)
+    for ckpt, pc in probs.items():
+        print(f"{ckpt}: P(C) by prompt id:", " ".join(f"{x:.4f}" for x in pc))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,36 @@ def test_preference_table_comes_from_the_extras_folder(tmp_path):
     # zero-start rows before Game-trained ones; PPO before DPO before the reward model
     assert table.index("PPO (intrinsic)") < table.index("| DPO |") < table.index("Game-trained | the start")
     assert table.index("Game-trained | the start") < table.index("Game-trained | reward model") < table.index("base")
+
+
+def test_policy_probs_script_matches_the_naive_forward(tmp_path, monkeypatch):
+    """scripts/policy_probs.py on a debug checkpoint: P(C) per prompt id equals the renormalised probability of C
+    from the obvious path (one full forward per prompt) with the checkpoint loaded, not the untrained adapter's."""
+    import torch
+
+    from lit_moral.cli import cli_main
+    from lit_moral.evaluate_runs import _model_config
+    from lit_moral.evaluation import load_weights
+
+    monkeypatch.chdir(tmp_path)
+    debug = str(ROOT / "configs" / "debug.yaml")
+    cli_main(["fit", "--config", debug, "--trainer.max_epochs", "1"])
+    ckpt = str(tmp_path / "checkpoints" / "debug" / "version_0" / "checkpoints" / "last.ckpt")
+    bits, probs = _script("policy_probs").policy_probs(debug, [ckpt])
+    assert len(bits) == 16 and bits[9] == (1, 0, 0, 1)
+    module = cli_main(["--config", _model_config(debug)], run=False).model
+    module.configure_model()
+    module.policy.eval()
+    r, n = module.renderer, module.renderer.n_ids
+
+    def naive_pc():
+        with torch.no_grad():
+            out = module.policy.score_samples("agent_0", r.token_ids, torch.arange(n), candidates=r.action_ids,
+                                              choice=torch.zeros(n, dtype=torch.long), naive=True)
+        return out["logp"][:, 0].exp().tolist()
+
+    untrained = naive_pc()
+    load_weights(module, ckpt)
+    assert probs[ckpt] == pytest.approx(naive_pc(), abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(probs[ckpt], untrained)) > 1e-4  # the checkpoint's weights were used
+    assert 0.0 < min(probs[ckpt]) and max(probs[ckpt]) < 1.0
