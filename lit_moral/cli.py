@@ -192,6 +192,8 @@ class LitMoralCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         run = run_dir_of(ckpt) if ckpt else None
         logger = self._logger_args(sub) if sub else None
+        if sub == "fit" and not ckpt and logger is not None:
+            refuse_occupied_run_folder(logger)
         if run is None or logger is None:
             return
         if sub == "fit":  # resume in the run's own folder: one run, one folder
@@ -223,6 +225,22 @@ class LitMoralCLI(LightningCLI):
         elif getattr(self.model, "last_evaluation", None):
             out, meta, summary = self.model.last_evaluation
             print(test_summary(out, meta, summary), flush=True)
+
+
+def refuse_occupied_run_folder(logger) -> None:
+    """A new ``fit`` with an explicit ``trainer.logger.init_args.version`` whose folder already holds a run's
+    checkpoints is refused (ConfigError) before anything is written: it would replace that run's ``config.yaml``
+    and mix two runs' checkpoints and logs in one folder. Resuming (``--ckpt_path``) is the way back into a folder."""
+    version = logger.get("version")
+    if version is None:
+        return  # Lightning picks the next free version_N
+    folder = Path(str(logger.save_dir), str(logger.name), version if isinstance(version, str) else f"version_{version}")
+    held = sorted((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
+    if held:
+        last = folder / "checkpoints" / "last.ckpt"
+        raise ConfigError(f"trainer.logger.init_args.version: run folder '{folder}' already holds a run "
+                          f"({len(held)} checkpoint(s)); resume it with --ckpt_path {last if last.is_file() else held[-1]}, "
+                          "choose another version, or leave version unset for the next version_N")
 
 
 def check_fingerprint(theirs: dict, model_cfg) -> None:

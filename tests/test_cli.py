@@ -195,3 +195,23 @@ def test_an_early_failure_leaves_no_folder(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model: could not load 'nobody/no-such-model'")
     assert not list(tmp_path.glob("checkpoints/*/version_*"))
+
+
+def test_a_new_fit_into_a_folder_holding_a_run_is_refused_and_touches_nothing(tmp_path, monkeypatch):
+    """An explicit logger version naming a folder with checkpoints would overwrite that run's config.yaml."""
+    from lit_moral.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "checkpoints" / "debug" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run")
+    (run / "config.yaml").write_text("an earlier run's config\n")
+    args = ["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.logger.init_args.version", "run"]
+    with pytest.raises(ConfigError, match=r"trainer.logger.init_args.version: run folder '.*run' already holds a run "
+                                          r"\(1 checkpoint\(s\)\); resume it with --ckpt_path .*last.ckpt"):
+        cli_main(args)
+    assert (run / "config.yaml").read_text() == "an earlier run's config\n"
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "config.yaml", "last.ckpt"]
+    (run / "checkpoints" / "last.ckpt").unlink()  # a folder without checkpoints (e.g. a failed start) is reused
+    cli = cli_main([*args, "--trainer.max_epochs", "1"])
+    assert (run / "checkpoints" / "last.ckpt").is_file() and cli.model.episode > 0
