@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_moral.checkpoint_io import AtomicCheckpointIO
 from lit_moral.errors import ConfigError
@@ -234,8 +235,8 @@ def refuse_occupied_run_folder(logger) -> None:
     version = logger.get("version")
     if version is None:
         return  # Lightning picks the next free version_N
-    folder = Path(str(logger.save_dir), str(logger.name), version if isinstance(version, str) else f"version_{version}")
-    held = sorted((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else []
+    folder = Path(TensorBoardLogger(str(logger.save_dir), str(logger.name), version=version).log_dir)  # makes nothing
+    held = sorted(folder.glob("checkpoints/*.ckpt"))
     if held:
         last = folder / "checkpoints" / "last.ckpt"
         raise ConfigError(f"trainer.logger.init_args.version: run folder '{folder}' already holds a run "
